@@ -1,0 +1,1 @@
+"""StrokeSeg training: recipes, dataset adapters, train / evaluate / tune / export."""
