@@ -24,3 +24,7 @@ class ModelError(StrokeSegError):
 
 class OutputError(StrokeSegError):
     """An output location cannot be written."""
+
+
+class Cancelled(StrokeSegError):
+    """The user cancelled a running job (Cancel button, Ctrl-C)."""

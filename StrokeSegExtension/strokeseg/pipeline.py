@@ -1,0 +1,207 @@
+"""One case from input images to probability map, lesion mask and report.
+
+``segment_images`` is the engine's Python API (the Slicer module calls it from a worker);
+``segment_case`` adds the case folder contract of DESIGN.md: read inputs by modality key,
+write ``probability.nii.gz``, ``lesion.nii.gz`` and ``report.json`` atomically, with
+``report.json`` written last so a batch can tell finished cases from interrupted ones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError, OutputError
+from .image import Image
+from .inference import predict, resolve_device
+from .io import write_image, write_text
+from .modality import find_case_inputs, load_inputs, require_inputs
+from .models import ModelCard, choose_model, get_card, load_model
+from .postprocess import PostprocessSettings, postprocess
+from .preprocess import prepare, to_reference
+from .report import lesion_report
+
+ProgressFn = Callable[[float, str], None]
+OUTPUT_FILES = ("probability.nii.gz", "lesion.nii.gz", "report.json")
+
+
+@dataclass
+class SegmentationResult:
+    probability: Image
+    mask: Image
+    report: dict[str, Any]
+    card: ModelCard
+    settings: PostprocessSettings
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def settings_from_card(card: ModelCard, **overrides: float | None) -> PostprocessSettings:
+    """The card's tuned post-processing, with any user overrides that are not None."""
+    pp = card.raw.get("postprocess", {})
+    s = PostprocessSettings(
+        threshold=float(pp.get("threshold", 0.5)),
+        closing_mm=float(pp.get("closing_mm", 0.0)),
+        min_lesion_ml=float(pp.get("min_lesion_ml", 0.0)),
+    )
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(s, key, float(value))
+    if not 0.0 < s.threshold < 1.0:
+        raise InputError(None, f"threshold must be between 0 and 1, got {s.threshold}")
+    if s.closing_mm < 0 or s.min_lesion_ml < 0:
+        raise InputError(None, "closing radius and minimum lesion size must not be negative")
+    return s
+
+
+def pick_model(available: Mapping[str, Any], model: str | ModelCard = "auto", models_dir: Any = None) -> ModelCard:
+    if isinstance(model, ModelCard):
+        return model
+    if model == "auto":
+        return choose_model(available.keys(), models_dir=models_dir)
+    return get_card(model, models_dir=models_dir)
+
+
+_MODEL_CACHE: dict[tuple[str, str, str], list] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _networks(card: ModelCard, device: str) -> list:
+    """Loaded networks, cached per (model, version, device): the Slicer slider loop and batches reuse them."""
+    key = (card.id, card.version, device)
+    with _CACHE_LOCK:
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE[key] = load_model(card, device=device)
+        return _MODEL_CACHE[key]
+
+
+def segment_images(
+    images: Mapping[str, Image],
+    *,
+    model: str | ModelCard = "auto",
+    device: str = "auto",
+    settings: PostprocessSettings | None = None,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    models_dir: Any = None,
+    b_value: float | None = None,
+    mirror_tta: bool | None = None,
+    where: str | Path | None = None,
+) -> SegmentationResult:
+    """Segment one case given as modality key -> Image. Output on the reference input's grid."""
+    t0 = time.perf_counter()
+    report_progress = progress or (lambda f, msg: None)
+    card = pick_model(images, model, models_dir)
+    require_inputs(images.keys(), card.required, card.raw.get("derivable"), where=where)
+    settings = settings or settings_from_card(card)
+    dev = resolve_device(device)
+    timings: dict[str, float] = {}
+
+    report_progress(0.0, "preparing inputs")
+    prepared = prepare(images, card, b_value=b_value)
+    timings["preprocess_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    nets = _networks(card, str(dev))
+    timings["model_load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    prob_model = predict(
+        prepared.array, nets, card, device=dev, mirror_tta=mirror_tta, cancel=cancel,
+        progress=lambda f, msg: report_progress(0.05 + 0.85 * f, msg),
+    )
+    timings["inference_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report_progress(0.9, "resampling to the reference grid")
+    probability = to_reference(prob_model, prepared.model_grid, prepared.reference)
+    np.clip(probability.array, 0.0, 1.0, out=probability.array)
+    mask_arr = postprocess(probability.array, probability.spacing, settings)
+    mask = probability.with_array(mask_arr.astype(np.uint8))
+    timings["postprocess_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+
+    report = lesion_report(
+        mask, probability, reference=prepared.reference,
+        model={"id": card.id, "version": card.version, "inputs": list(prepared.channels), "device": str(dev)},
+        settings={"threshold": settings.threshold, "closing_mm": settings.closing_mm,
+                  "min_lesion_ml": settings.min_lesion_ml, "fill_holes": settings.fill_holes},
+        timings={k: round(v, 4) for k, v in timings.items()},
+    )
+    report_progress(1.0, "done")
+    return SegmentationResult(probability, mask, report, card, settings, timings)
+
+
+def is_finished(out_dir: str | Path) -> bool:
+    """A case is finished when all outputs exist (report.json is written last)."""
+    out_dir = Path(out_dir)
+    return all((out_dir / f).is_file() for f in OUTPUT_FILES)
+
+
+def write_result(result: SegmentationResult, out_dir: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the three outputs; all appear or none (staged in a sibling temp folder)."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: output folder is not writable ({exc.strerror})") from None
+    try:
+        write_image(result.probability.with_array(result.probability.array.astype(np.float32)), stage / "probability.nii.gz")
+        write_image(result.mask, stage / "lesion.nii.gz")
+        report = {**result.report, **(dict(extra) if extra else {})}
+        write_text(json.dumps(report, indent=2), stage / "report.json")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_FILES:  # report.json last: it marks the case as finished
+            (out_dir / name).unlink(missing_ok=True)
+        for name in OUTPUT_FILES:
+            shutil.move(str(stage / name), str(out_dir / name))
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: could not write results ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out_dir
+
+
+def segment_case(
+    case_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    model: str = "auto",
+    device: str = "auto",
+    threshold: float | None = None,
+    closing_mm: float | None = None,
+    min_lesion_ml: float | None = None,
+    overrides: Mapping[str, str] | None = None,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    models_dir: Any = None,
+    b_value: float | None = None,
+    mirror_tta: bool | None = None,
+    files: Mapping[str, Path] | None = None,
+) -> SegmentationResult:
+    """Case folder (or explicit key -> file map) in, DESIGN.md outputs written to ``out_dir``."""
+    t0 = time.perf_counter()
+    files = dict(files) if files else find_case_inputs(case_dir)
+    images = load_inputs(files, overrides=overrides)
+    load_s = time.perf_counter() - t0
+    card = pick_model(images, model, models_dir)
+    settings = settings_from_card(card, threshold=threshold, closing_mm=closing_mm, min_lesion_ml=min_lesion_ml)
+    result = segment_images(
+        images, model=card, device=device, settings=settings, progress=progress, cancel=cancel,
+        models_dir=models_dir, b_value=b_value, mirror_tta=mirror_tta, where=case_dir,
+    )
+    result.timings["read_s"] = load_s
+    result.report["timings"]["read_s"] = round(load_s, 4)
+    result.report["case"] = {"folder": str(case_dir), "inputs": {k: str(v) for k, v in files.items()}}
+    result.report["engine_version"] = __version__
+    write_result(result, out_dir)
+    return result

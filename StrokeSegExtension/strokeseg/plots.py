@@ -1,0 +1,94 @@
+"""Evaluation plots as PNG: Bland-Altman volume agreement and predicted-vs-true volumes.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so plotting neither needs a
+display nor touches the global backend other code may rely on. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import io as _bytes_io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .errors import OutputError
+from .io import _atomic_target
+from .metrics import bland_altman
+
+_DPI = 150
+
+
+def _volumes(pred_ml: Sequence[float], true_ml: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(pred_ml, dtype=float)
+    t = np.asarray(true_ml, dtype=float)
+    if p.ndim != 1 or p.shape != t.shape or p.size == 0:
+        raise ValueError(f"need two equally long, non-empty volume lists (got {p.shape} and {t.shape})")
+    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(t))):
+        raise ValueError("volumes must be finite")
+    return p, t
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    buf = _bytes_io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    try:
+        tmp = _atomic_target(path)
+    except PermissionError as exc:
+        raise OutputError(f"{path.parent}: output folder is not writable") from exc
+    try:
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def bland_altman_plot(pred_ml: Sequence[float], true_ml: Sequence[float], path: str | Path, title: str = "") -> Path:
+    """Difference (pred - true) against mean volume, with bias and 1.96 SD limits of agreement."""
+    p, t = _volumes(pred_ml, true_ml)
+    ba = bland_altman(p, t)
+    fig = Figure(figsize=(6.0, 4.5), dpi=_DPI)
+    ax = fig.add_subplot()
+    ax.scatter((p + t) / 2.0, p - t, s=18, alpha=0.75, color="tab:blue", edgecolors="none")
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.axhline(ba["mean_difference_ml"], color="tab:red", lw=1.2, label=f"bias {ba['mean_difference_ml']:.2f} mL")
+    if np.isfinite(ba["sd_difference_ml"]):  # limits need at least two cases
+        for key in ("loa_lower_ml", "loa_upper_ml"):
+            ax.axhline(ba[key], color="tab:red", lw=1.0, ls="--")
+        ax.plot([], [], color="tab:red", ls="--", label=f"95% LoA [{ba['loa_lower_ml']:.2f}, {ba['loa_upper_ml']:.2f}] mL")
+    ax.set_xlabel("mean of predicted and true volume (mL)")
+    ax.set_ylabel("predicted - true volume (mL)")
+    ax.set_title(title or f"Bland-Altman volume agreement (n={ba['n']})")
+    ax.legend(loc="best", fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def volume_scatter_plot(pred_ml: Sequence[float], true_ml: Sequence[float], path: str | Path, title: str = "") -> Path:
+    """Predicted against true lesion volume, with the identity line and Pearson r."""
+    p, t = _volumes(pred_ml, true_ml)
+    fig = Figure(figsize=(5.0, 5.0), dpi=_DPI)
+    ax = fig.add_subplot()
+    ax.scatter(t, p, s=18, alpha=0.75, color="tab:blue", edgecolors="none")
+    hi = float(max(p.max(), t.max(), 1e-3)) * 1.05
+    ax.plot([0.0, hi], [0.0, hi], color="0.4", lw=1.0, ls="--", label="identity")
+    if p.size > 1 and np.std(p) > 0 and np.std(t) > 0:
+        r = float(np.corrcoef(t, p)[0, 1])
+        ax.plot([], [], " ", label=f"Pearson r = {r:.3f}")
+    ax.set_xlim(0.0, hi)
+    ax.set_ylim(0.0, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel("true volume (mL)")
+    ax.set_ylabel("predicted volume (mL)")
+    ax.set_title(title or f"Lesion volume (n={p.size})")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

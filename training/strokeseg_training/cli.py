@@ -1,0 +1,113 @@
+"""``strokeseg-train``: generate / train / tune / evaluate / export, each from a config file.
+
+    strokeseg-train all --config training/configs/dwi_unet.json      # the whole recipe
+    torchrun --nproc_per_node 4 -m strokeseg_training.cli train --config ...   # multi-GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from strokeseg.models import build_network
+from strokeseg.postprocess import PostprocessSettings
+
+from .config import card_of, load_config, run_dir
+from .data import build_split
+from .evaluate import case_probabilities, score, summarise, tune
+from .export import export_model
+from .train import train
+
+
+def _net(cfg: dict, weights: Path, device: str = "cpu") -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    net = build_network(card_of(cfg))
+    net.load_state_dict(load_file(str(weights)))
+    return net.to(device).eval()
+
+
+def _cases(cfg: dict, split: str) -> list[Path]:
+    _, root = build_split(cfg, split, workers=int(cfg["data"].get("workers", 2)))
+    return sorted(p for p in root.iterdir() if p.is_dir())[: int(cfg["data"][f"n_{split}"])]
+
+
+def do_tune(cfg: dict) -> dict:
+    out = run_dir(cfg)
+    card = card_of(cfg)
+    probs = case_probabilities(_cases(cfg, "val"), [_net(cfg, out / "best.safetensors")], card)
+    best, table = tune(probs, cfg["tune"]["grid"], cfg["tune"].get("objective", "dice+f1"))
+    res = {"threshold": best.threshold, "closing_mm": best.closing_mm, "min_lesion_ml": best.min_lesion_ml}
+    (out / "tuning.json").write_text(json.dumps({"best": res, "table": table}, indent=2))
+    val_rows = score(probs, best)
+    summarise(val_rows, out / "val", f"{cfg['name']} validation")
+    print(f"tuned post-processing: {res}")
+    return res
+
+
+def do_evaluate(cfg: dict, settings: dict | None = None) -> dict:
+    out = run_dir(cfg)
+    settings = settings or json.loads((out / "tuning.json").read_text())["best"]
+    probs = case_probabilities(_cases(cfg, "test"), [_net(cfg, out / "best.safetensors")], card_of(cfg))
+    rows = score(probs, PostprocessSettings(**settings))
+    summary = summarise(rows, out / "test", f"{cfg['name']} held-out phantoms")
+    m = summary["metrics"] if "metrics" in summary else summary
+    print(json.dumps({k: m[k] for k in ("dice", "lesion_f1", "abs_volume_diff_ml") if k in m}, indent=2))
+    return summary
+
+
+def do_export(cfg: dict, command: str) -> Path:
+    out = run_dir(cfg)
+    tuned = json.loads((out / "tuning.json").read_text())["best"]
+    test = json.loads((out / "test" / "summary.json").read_text())
+    tsum = json.loads((out / "train_summary.json").read_text())
+    metrics = test.get("metrics", test)
+    flat = {}
+    for k in ("dice", "lesion_f1", "abs_volume_diff_ml", "hd95_mm", "abs_lesion_count_diff", "ppv", "tpr"):
+        if k in metrics and isinstance(metrics[k], dict):
+            flat[f"{k}_median"] = metrics[k].get("median")
+            flat[f"{k}_mean"] = metrics[k].get("mean")
+    validation = {"dataset": f"held-out phantoms (test split: seeds {cfg['data'].get('seed', 0) + 900000}+, "
+                             f"lesion shapes never used in training)", "n_cases": int(cfg["data"]["n_test"]),
+                  "metrics": {k: v for k, v in flat.items() if v is not None}}
+    training = {"data": cfg["data"].get("description", "StrokeSeg phantoms"), "command": command,
+                "seed": int(cfg["train"].get("seed", 0)), "duration_s": round(float(tsum["duration_s"]), 1),
+                "device": tsum["device"], "steps": tsum["steps_done"]}
+    folder = export_model(cfg, [out / "best.safetensors"], postprocess=tuned, validation=validation, training=training)
+    print(f"exported to {folder}")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="strokeseg-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["generate", "train", "tune", "evaluate", "export", "all"])
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config entry, e.g. train.steps=100")
+    p.add_argument("--no-resume", action="store_true")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    command = "strokeseg-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    t0 = time.time()
+    if args.command in ("generate",):
+        for split in ("train", "val", "test"):
+            build_split(cfg, split, workers=int(cfg["data"].get("workers", 2)))
+    if args.command in ("train", "all"):
+        train(cfg, resume=not args.no_resume)
+    if args.command in ("tune", "all"):
+        do_tune(cfg)
+    if args.command in ("evaluate", "all"):
+        do_evaluate(cfg)
+    if args.command in ("export", "all"):
+        do_export(cfg, command)
+    print(f"{args.command} finished in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Datasets for training: phantoms (generated here) and real layouts (adapters).
+
+Training cases are stored preprocessed on the model grid (``<cache>/<case>.npz`` with the
+normalised input channels and the lesion label), made by the engine's own ``prepare`` so
+that training sees exactly what inference sees. Validation and test cases are also kept
+as case folders, because they are evaluated end to end on the acquired grid.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from strokeseg.image import Image, resample_to
+from strokeseg.preprocess import prepare
+
+from .config import DEFAULT_RUNS, REPO_ROOT, card_of, data_key
+
+SPLIT_SEED_OFFSET = {"train": 0, "val": 500_000, "test": 900_000}
+
+
+@dataclass
+class Volume:
+    name: str
+    image: np.ndarray  # (C, z, y, x) float16, normalised
+    label: np.ndarray  # (z, y, x) uint8
+
+
+def label_on_grid(lesion: Image, grid: Image) -> np.ndarray:
+    """Truth on the model grid: partial-volume resampling then >= 0.5."""
+    frac = resample_to(lesion.with_array(lesion.array.astype(np.float32)), grid, linear=True)
+    return (frac.array >= 0.5).astype(np.uint8)
+
+
+def _library(cfg: dict[str, Any]) -> str | None:
+    lib = cfg["data"].get("lesion_library")
+    if not lib:
+        return None
+    p = Path(lib) if Path(lib).is_absolute() else (REPO_ROOT / lib).resolve()
+    return str(p) if p.is_dir() else None
+
+
+def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
+    cfg, split, seed, cache_dir, case_root = args
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from strokeseg.phantom import simulate_dwi, write_case
+
+    card = card_of(cfg)
+    case = simulate_dwi(seed, lesion_library=_library(cfg), split=split, **cfg["data"].get("phantom_options", {}))
+    npz = Path(cache_dir) / f"{case.case_id}.npz"
+    if split != "train":
+        write_case(case, case_root)
+    inputs = {k: v for k, v in case.images.items() if k in card.required or k in card.optional}
+    prepared = prepare(inputs, card)
+    label = label_on_grid(case.lesion, prepared.model_grid)
+    tmp = npz.with_suffix(".tmp.npz")
+    np.savez(tmp, image=prepared.array.astype(np.float16), label=label)
+    os.replace(tmp, npz)
+    return str(npz)
+
+
+def build_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tuple[list[Path], Path]:
+    """Generate (or reuse) a split; returns the npz files and the case-folder root."""
+    data = cfg["data"]
+    n = int(data[f"n_{split}"])
+    seed0 = int(data.get("seed", 0)) + SPLIT_SEED_OFFSET[split]
+    root = Path(data.get("cache_dir") or DEFAULT_RUNS / "cache") / f"{cfg['data']['modality']}-{split}-{data_key(cfg, split)}"
+    cache_dir, case_root = root / "npz", root / "cases"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    case_root.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for i in range(n):
+        seed = seed0 + i
+        if not (cache_dir / f"{data['modality']}-{seed:05d}.npz").is_file() and not any(cache_dir.glob(f"*-{seed:05d}.npz")):
+            todo.append((cfg, split, seed, str(cache_dir), str(case_root)))
+    if todo:
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                list(tqdm(pool.map(_make_one, todo), total=len(todo), desc=f"phantoms ({split})", unit="case"))
+        else:
+            for t in tqdm(todo, desc=f"phantoms ({split})", unit="case"):
+                _make_one(t)
+    files = sorted(cache_dir.glob("*.npz"))[:n]
+    return files, case_root
+
+
+def load_volumes(files: list[Path]) -> list[Volume]:
+    vols = []
+    for f in files:
+        with np.load(f) as z:  # plain arrays only: np.load refuses pickled objects by default
+            vols.append(Volume(f.stem, z["image"], z["label"]))
+    return vols

@@ -1,0 +1,46 @@
+"""Export a trained run into Resources/Models: weights, a complete model card, models.json."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from strokeseg.models import load_registry, sha256_file
+
+from .config import REPO_ROOT
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def export_model(cfg: dict[str, Any], weights: list[Path], *, postprocess: dict[str, float],
+                 validation: dict[str, Any], training: dict[str, Any], models_dir: Path | None = None) -> Path:
+    models_dir = models_dir or REPO_ROOT / "Resources" / "Models"
+    card = json.loads(json.dumps(cfg["card"]))
+    folder = models_dir / cfg.get("export_folder", card["id"].replace("-", "_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, w in enumerate(weights):
+        dst = folder / f"fold{i}.safetensors"
+        shutil.copyfile(w, dst)
+        entries.append({"file": dst.name, "sha256": sha256_file(dst)})
+    card.update(weights=entries, postprocess=postprocess, validation=validation,
+                training={"commit": git_commit(), **training}, created=datetime.date.today().isoformat())
+    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+
+    index = models_dir / "models.json"
+    reg = json.loads(index.read_text()) if index.is_file() else {"schema_version": 1, "models": []}
+    reg["models"] = [m for m in reg["models"] if m["id"] != card["id"]]
+    reg["models"].append({"id": card["id"], "folder": folder.name, "family": card["family"]})
+    index.write_text(json.dumps(reg, indent=2) + "\n")
+    load_registry(models_dir)  # the exported card must pass the engine's own validation
+    return folder

@@ -1,0 +1,170 @@
+"""The training loop: single process, or several with ``torchrun`` (gloo on CPU, nccl on GPU).
+
+Checkpoints and resume, CSV log and PNG curves, periodic whole-volume validation with the
+engine's own sliding-window inference, best-checkpoint selection on validation Dice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.losses import DiceCELoss, DiceFocalLoss
+from tqdm import tqdm
+
+from strokeseg.inference import predict
+from strokeseg.models import build_network, save_weights
+
+from .config import card_of, run_dir
+from .data import build_split, load_volumes
+from .sampling import PatchSampler, augmentation
+
+
+def _dist_setup() -> tuple[int, int, torch.device]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if backend == "nccl" else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return rank, world, dev
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_loss(name: str) -> torch.nn.Module:
+    if name == "dicefocal":
+        return DiceFocalLoss(sigmoid=True, batch=True)
+    return DiceCELoss(sigmoid=True, batch=True)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2 * np.logical_and(a, b).sum() / s)
+
+
+def validate(net: torch.nn.Module, card: Any, vols: list, device: torch.device) -> float:
+    net.eval()
+    scores = [dice(predict(v.image.astype(np.float32), [net], card, device=device, mirror_tta=False) >= 0.5, v.label > 0)
+              for v in vols]
+    net.train()
+    return float(np.mean(scores))
+
+
+def plot_curves(log_csv: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(log_csv.open()))
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(steps, [float(r["loss"]) for r in rows])
+    ax[0].set(xlabel="step", ylabel="training loss (smoothed)", yscale="log")
+    val = [(int(r["step"]), float(r["val_dice"])) for r in rows if r["val_dice"]]
+    if val:
+        ax[1].plot(*zip(*val), marker="o")
+    ax[1].set(xlabel="step", ylabel="validation Dice (whole volumes)", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
+    """Train the config's network; returns the run folder (best weights in best.safetensors)."""
+    tc = cfg["train"]
+    rank, world, dev = _dist_setup()
+    torch.manual_seed(int(tc.get("seed", 0)) + rank)
+    rng = np.random.default_rng(int(tc.get("seed", 0)) + 1000 * rank)
+    out = run_dir(cfg)
+    card = card_of(cfg)
+    if rank == 0:
+        build_split(cfg, "train", workers=int(cfg["data"].get("workers", 2)))
+        build_split(cfg, "val", workers=int(cfg["data"].get("workers", 2)))
+    if world > 1:
+        dist.barrier()
+    train_files, _ = build_split(cfg, "train", workers=1)
+    val_files, _ = build_split(cfg, "val", workers=1)
+    train_vols = load_volumes(train_files[rank::world])
+    val_vols = load_volumes(val_files[: int(tc.get("val_volumes", 8))]) if rank == 0 else []
+
+    patch_zyx = tuple(reversed(card.patch_size))
+    sampler = PatchSampler(train_vols, patch_zyx, float(tc.get("pos_fraction", 0.5)),
+                           augmentation(tc.get("augment", {}), len(card.required), patch_zyx), rng)
+    net = build_network(card).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=float(tc.get("lr", 2e-3)), weight_decay=float(tc.get("weight_decay", 1e-4)))
+    steps = int(tc["steps"])
+    warm = int(tc.get("warmup", 100))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    loss_fn = make_loss(tc.get("loss", "dicece"))
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+
+    start, best, smoothed = 0, -1.0, None
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=dev, weights_only=True)  # our own file; still no pickled code
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, best = int(state["step"]), float(state["best"])
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net)
+    module = net.module if world > 1 else net
+
+    log_csv = out / "log.csv"
+    if rank == 0 and (start == 0 or not log_csv.is_file()):
+        log_csv.write_text("step,loss,lr,val_dice,elapsed_s\n")
+    budget_s = float(tc.get("max_minutes", 1e9)) * 60
+    t0 = time.time()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="training", disable=rank != 0)
+    net.train()
+    for step in bar:
+        x, y = sampler.batch(int(tc.get("batch_size", 2)))
+        x, y = x.to(dev), y.to(dev)
+        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+            loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+        last = step + 1 == steps or time.time() - t0 > budget_s
+        if rank == 0:
+            bar.set_postfix(loss=f"{smoothed:.3f}", best=f"{best:.3f}")
+            val = ""
+            if (step + 1) % int(tc.get("val_every", 250)) == 0 or last:
+                val_dice = validate(module, card, val_vols, dev)
+                val = f"{val_dice:.4f}"
+                if val_dice > best:
+                    best = val_dice
+                    save_weights(module, out / "best.safetensors")
+                save_weights(module, out / "last.safetensors")
+                torch.save({"net": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "step": step + 1, "best": best}, ckpt)
+                plot_curves(log_csv, out / "curves.png")
+            if (step + 1) % 25 == 0 or val:
+                with log_csv.open("a") as f:
+                    f.write(f"{step + 1},{smoothed:.5f},{sched.get_last_lr()[0]:.3e},{val},{time.time() - t0:.1f}\n")
+        if last:
+            break
+    if rank == 0:
+        plot_curves(log_csv, out / "curves.png")
+        (out / "train_summary.json").write_text(json.dumps(
+            {"steps_done": step + 1, "best_val_dice": best, "duration_s": time.time() - t0,
+             "device": str(dev), "world_size": world}, indent=2))
+    if world > 1:
+        dist.destroy_process_group()
+    return out
