@@ -97,8 +97,15 @@ class Image:
     def to_sitk(self) -> sitk.Image:
         if self.is_4d:
             frames = [self.frame(t).to_sitk() for t in range(self.array.shape[0])]
-            return sitk.JoinSeries(frames)
-        img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+            t0, dt = _time_axis(self.meta.get("times"), len(frames))
+            return sitk.JoinSeries(frames, t0, dt)
+        arr = self.array
+        # SimpleITK has no bool or float16 pixel type.
+        if arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8)
+        elif arr.dtype == np.float16:
+            arr = arr.astype(np.float32)
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
         img.SetSpacing(self.spacing)
         img.SetOrigin(self.origin)
         img.SetDirection(self.direction)
@@ -127,12 +134,30 @@ class Image:
         raise ValueError(f"{dim}D images are not supported")
 
 
+def _time_axis(times: Any, n: int) -> tuple[float, float]:
+    """(first time, step) for SimpleITK's 4th axis; (0, 1) when times are absent or uneven."""
+    if times is None or len(times) != n:
+        return 0.0, 1.0
+    t = np.asarray(times, dtype=float)
+    if n < 2 or not np.all(np.isfinite(t)):
+        return (float(t[0]) if n and np.isfinite(t[0]) else 0.0), 1.0
+    steps = np.diff(t)
+    if steps[0] > 0 and np.allclose(steps, steps[0], rtol=1e-3, atol=1e-6):
+        return float(t[0]), float(steps[0])
+    return 0.0, 1.0  # uneven sampling cannot be stored as spacing; meta["times"] keeps it
+
+
 def resample_to(image: Image, reference: Image, *, linear: bool = True, default: float = 0.0) -> Image:
-    """Resample ``image`` onto ``reference``'s grid through physical space (SimpleITK)."""
+    """Resample ``image`` onto ``reference``'s grid through physical space (SimpleITK).
+
+    A 4D series is resampled frame by frame and keeps its time axis.
+    """
+    if image.is_4d:
+        frames = [resample_to(image.frame(t), reference, linear=linear, default=default).array
+                  for t in range(image.array.shape[0])]
+        return Image(np.stack(frames), reference.spacing, reference.origin, reference.direction, dict(image.meta))
     interp = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
     src = image.to_sitk()
-    if image.array.dtype == np.bool_:
-        src = sitk.Cast(src, sitk.sitkUInt8)
     ref = sitk.Image(*reference.size, sitk.sitkUInt8)
     ref.SetSpacing(reference.spacing)
     ref.SetOrigin(reference.origin)
@@ -145,10 +170,10 @@ def grid_with_spacing(image: Image, spacing: Vec3) -> Image:
     """An empty image covering the same physical box as ``image`` at a new spacing, same direction."""
     old_sp = np.asarray(image.spacing)
     new_sp = np.asarray(spacing, dtype=float)
-    extent = old_sp * np.asarray(image.size)
-    new_size = np.maximum(1, np.round(extent / new_sp)).astype(int)
-    # Keep the box centre: the first voxel centre moves by half the difference of voxel sizes.
-    shift_idx = (new_sp - old_sp) / 2.0 / old_sp
-    origin = image.index_to_physical(shift_idx[None])[0]
+    old_size = np.asarray(image.size)
+    new_size = np.maximum(1, np.round(old_sp * old_size / new_sp)).astype(int)
+    # Keep the box centre (the extent changes by at most half a new voxel on each side).
+    centre = image.index_to_physical(((old_size - 1) / 2.0)[None])[0]
+    origin = centre - image.direction_matrix @ (new_sp * (new_size - 1) / 2.0)
     arr = np.zeros(tuple(new_size[::-1]), dtype=np.uint8)
     return Image(arr, tuple(new_sp), tuple(origin), image.direction)

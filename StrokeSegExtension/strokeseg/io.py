@@ -8,7 +8,9 @@ is ever left behind.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,14 @@ _DICOM_TAGS = {
     "0018|9087": "b_value",
     "0043|1039": "ge_b_value",
     "0018|0081": "echo_time",
+    "0018|0080": "repetition_time",
+    "0018|0082": "inversion_time",
+    "0008|0008": "image_type",
+    "0018|0024": "sequence_name",
+    "0018|0020": "scanning_sequence",
+    "0018|1030": "protocol_name",
+    "0008|0070": "manufacturer",
+    "0019|100c": "siemens_b_value",
     "0020|000e": "series_instance_uid",
     "0020|000d": "study_instance_uid",
 }
@@ -67,6 +77,43 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict[str, Any]]:
     return img, meta
 
 
+def _nifti_truncation(path: Path) -> str | None:
+    """ITK reads a truncated NIfTI without complaint (missing voxels come back as garbage),
+    so compare the bytes present with what the header promises."""
+    import nibabel as nib  # local: only NIfTI needs it
+
+    try:
+        hdr = nib.load(str(path)).header
+        expected = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+    except Exception:  # not parseable as NIfTI: SimpleITK will report it
+        return None
+    if not path.name.lower().endswith(".gz"):
+        actual = path.stat().st_size
+        return None if actual >= expected else f"file is truncated ({actual} of {expected} bytes)"
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(fh.read(4), "little")  # gzip trailer: uncompressed size mod 2**32
+        if isize == expected % 2**32:
+            return None
+        # Trailer disagrees (truncated, or padded/multi-member): decompress to be sure.
+        fh.seek(0)
+        actual, complete, d = 0, False, zlib.decompressobj(wbits=31)
+        try:
+            while chunk := fh.read(1 << 20):
+                while chunk:
+                    actual += len(d.decompress(chunk))
+                    if d.eof:  # a member ended; another may follow
+                        chunk, d = d.unused_data, zlib.decompressobj(wbits=31)
+                        complete = True
+                    else:
+                        chunk, complete = b"", False
+        except zlib.error:
+            return "file is corrupt (bad gzip data)"
+    if not complete or actual < expected:
+        return f"file is truncated ({actual} of {expected} bytes after decompression)"
+    return None
+
+
 def read_image(path: str | Path) -> Image:
     """Read a 3D or 4D image (file or DICOM folder) with its geometry.
 
@@ -81,6 +128,10 @@ def read_image(path: str | Path) -> Image:
         else:
             if path.stat().st_size == 0:
                 raise InputError(path, "file is empty")
+            if image_suffix(path) in (".nii", ".nii.gz"):
+                problem = _nifti_truncation(path)
+                if problem:
+                    raise InputError(path, problem)
             img = sitk.ReadImage(str(path))
             meta = {k: img.GetMetaData(k) for k in img.GetMetaDataKeys() if k in ("descrip", "intent_name")}
     except InputError:
@@ -125,45 +176,71 @@ def check_volume(image: Image, path: str | Path, *, allow_4d: bool = False) -> N
         raise InputError(path, "volume is constant")
 
 
+def _prepare_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent is a file, read-only filesystem, no permission
+        raise OutputError(f"{folder}: output folder cannot be created ({exc.strerror or exc})") from None
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise OutputError(f"{folder}: output folder is not writable")
+
+
 def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):
-        raise OutputError(f"{path.parent}: output folder is not writable")
+    """A temporary file beside ``path`` to write and then ``os.replace`` onto it."""
+    _prepare_folder(path.parent)
     suffix = image_suffix(path) or path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path.parent}: output folder is not writable ({exc.strerror or exc})") from None
     os.close(fd)
+    # mkstemp makes the file private (0600); outputs get the usual permissions instead.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
 
 
 def write_image(image: Image, path: str | Path, *, compress: bool = True) -> Path:
-    """Write atomically; the file appears complete or not at all."""
+    """Write atomically; the file appears complete or not at all.
+
+    SimpleITK writes into a private temporary folder beside the target under the final
+    name, so two-file formats (.mhd + .raw, .nhdr + .raw) keep their data-file reference;
+    the files are then moved into place, the header last.
+    """
     path = Path(path)
+    _prepare_folder(path.parent)
     try:
-        tmp = _atomic_target(path)
-    except PermissionError as exc:
-        raise OutputError(f"{path.parent}: output folder is not writable") from exc
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"{path.parent}: output folder is not writable ({exc.strerror or exc})") from None
     try:
-        sitk.WriteImage(image.to_sitk(), str(tmp), compress)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, RuntimeError):
+        tmp = tmp_dir / path.name
+        try:
+            sitk.WriteImage(image.to_sitk(), str(tmp), compress)
+        except RuntimeError as exc:
             raise OutputError(f"{path}: could not be written ({str(exc).strip().splitlines()[-1][:120]})") from None
-        raise
+        for extra in sorted(tmp_dir.iterdir()):
+            if extra.name != path.name:
+                os.replace(extra, path.parent / extra.name)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: could not be written ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 
 def write_text(text: str, path: str | Path) -> Path:
     """Atomic text write (reports, JSON)."""
     path = Path(path)
-    try:
-        tmp = _atomic_target(path)
-    except PermissionError as exc:
-        raise OutputError(f"{path.parent}: output folder is not writable") from exc
+    tmp = _atomic_target(path)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: could not be written ({exc.strerror or exc})") from None
         raise
     return path

@@ -226,7 +226,8 @@ def _name(image: Image, role: str) -> str:
 
 def _segmentation_mask(image: Image, role: str) -> np.ndarray:
     if image.is_4d:
-        raise InputError(_name(image, role), f"4D series ({image.array.shape[0]} frames) where a 3D segmentation is expected")
+        frames = image.array.shape[0]
+        raise InputError(_name(image, role), f"4D series ({frames} frames) where a 3D segmentation is expected")
     arr = image.array
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         raise InputError(_name(image, role), "segmentation contains NaN/Inf voxels")

@@ -36,15 +36,14 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     buf = _bytes_io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
-    try:
-        tmp = _atomic_target(path)
-    except PermissionError as exc:
-        raise OutputError(f"{path.parent}: output folder is not writable") from exc
+    tmp = _atomic_target(path)  # raises OutputError when the folder cannot be written
     try:
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: could not be written ({exc.strerror or exc})") from None
         raise
     return path
 
@@ -61,7 +60,8 @@ def bland_altman_plot(pred_ml: Sequence[float], true_ml: Sequence[float], path: 
     if np.isfinite(ba["sd_difference_ml"]):  # limits need at least two cases
         for key in ("loa_lower_ml", "loa_upper_ml"):
             ax.axhline(ba[key], color="tab:red", lw=1.0, ls="--")
-        ax.plot([], [], color="tab:red", ls="--", label=f"95% LoA [{ba['loa_lower_ml']:.2f}, {ba['loa_upper_ml']:.2f}] mL")
+        loa = f"95% LoA [{ba['loa_lower_ml']:.2f}, {ba['loa_upper_ml']:.2f}] mL"
+        ax.plot([], [], color="tab:red", ls="--", label=loa)
     ax.set_xlabel("mean of predicted and true volume (mL)")
     ax.set_ylabel("predicted - true volume (mL)")
     ax.set_title(title or f"Bland-Altman volume agreement (n={ba['n']})")

@@ -15,7 +15,8 @@ Why it is fast (see ``benchmarks/bench_postprocess.py`` for the figures):
   a union of x-segments, one per (dz, dy) offset): one running OR/AND along x per distinct
   segment length, then one shifted OR/AND per row on bit-packed arrays (8 voxels a byte). This
   gives exactly ``scipy.ndimage.binary_closing`` on a zero-padded array (the tests check it
-  voxel for voxel) at 10-50x its speed, and beats SimpleITK's BinaryMorphologicalClosing.
+  voxel for voxel) at about 20x its speed on the same volume, and SimpleITK's
+  BinaryMorphologicalClosing is slower still on this CPU.
 * The closing is computed on the box grown by twice the radius with zeros, i.e. as if the
   volume continued with background: the closing is then extensive and never erodes objects
   that touch the array border (scipy's closing would, unless padded; SimpleITK calls this its
@@ -95,8 +96,12 @@ def _footprint_rows(footprint: np.ndarray) -> list[tuple[int, int, int]]:
     """(iz, iy, h) for each non-empty x-row: the row is the segment [-h, h] (the footprint is
     a centred ellipsoid, so every row is a centred segment)."""
     rows = []
+    rx = footprint.shape[2] // 2
     for iz, iy in zip(*np.nonzero(footprint.any(axis=2))):
-        rows.append((int(iz), int(iy), int(footprint[iz, iy].sum()) // 2))
+        h = int(footprint[iz, iy].sum()) // 2
+        if not footprint[iz, iy, rx - h : rx + h + 1].all() or footprint[iz, iy].sum() != 2 * h + 1:
+            raise ValueError("footprint rows must be centred segments (use ball_footprint)")
+        rows.append((int(iz), int(iy), h))
     return rows
 
 
@@ -132,14 +137,15 @@ def _morph_valid(a: np.ndarray, footprint: np.ndarray, dilate: bool) -> np.ndarr
 
 
 def binary_closing(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
-    """Closing of a (z, y, x) bool mask as if the volume continued with background outside.
+    """Closing of a (z, y, x) bool mask by a :func:`ball_footprint`, as if the volume continued
+    with background outside.
 
     Equals ``scipy.ndimage.binary_closing(np.pad(mask, r), footprint)`` cropped back, i.e. it
     never shrinks objects at the array border. Work is confined to the mask's bounding box.
     """
     mask = np.asarray(mask, dtype=bool)
     out = np.zeros(mask.shape, dtype=bool)
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return out
     out[box] = _close_box(mask[box], footprint)
@@ -150,9 +156,9 @@ def _close_box(crop: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     """Closing of a mask that is all background outside ``crop`` (its bounding box)."""
     if footprint.sum() <= 1:
         return crop.copy()
-    # Grown by 2r with zeros: the dilation is then valid over box+r, the erosion over box,
-    # and the closing never adds voxels outside the box (a symmetric ball is extensive-only
-    # within the bounding box of its input), so nothing is lost by cropping.
+    # Grown by 2r with zeros: the dilation is then exact over box+r and the erosion over the
+    # box. Nothing outside the box is lost: the closing of a set by a centred ball lies within
+    # the set's bounding box (any voxel beyond it fits in a ball that misses the set).
     pad = [(2 * r, 2 * r) for r in _radii(footprint)]
     grown = np.pad(crop, pad)
     return _morph_valid(_morph_valid(grown, footprint, True), footprint, False)
@@ -174,14 +180,15 @@ def _fill_holes_box(crop: np.ndarray) -> np.ndarray:
     return crop | is_hole[background[1:-1, 1:-1, 1:-1]]
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Slices of the smallest box holding every nonzero voxel of a (z, y, x) mask; None if empty."""
     zs = np.flatnonzero(mask.any(axis=(1, 2)))
     if zs.size == 0:
         return None
     sub = mask[zs[0] : zs[-1] + 1]
     ys = np.flatnonzero(sub.any(axis=(0, 2)))
     xs = np.flatnonzero(sub.any(axis=(0, 1)))
-    return (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+    return tuple(slice(int(ix[0]), int(ix[-1]) + 1) for ix in (zs, ys, xs))  # type: ignore[return-value]
 
 
 def min_voxels(min_lesion_ml: float, spacing_xyz: Sequence[float]) -> int:
@@ -201,11 +208,19 @@ def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
 # -- the pipeline ----------------------------------------------------------------------------
 @dataclass
 class _Closed:
-    """The mask after threshold, closing and filling, as 26-connected labels in a box."""
+    """The mask after threshold, closing and filling (inside ``box``), with its 26-connected
+    component labels and sizes computed on first need (only a minimum size needs them)."""
 
     box: tuple[slice, slice, slice] | None
-    labels: np.ndarray | None
-    sizes: np.ndarray | None
+    crop: np.ndarray | None
+    labels: np.ndarray | None = None
+    sizes: np.ndarray | None = None
+
+    def component_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.labels is None:
+            labels, n = cc3d.connected_components(self.crop, connectivity=26, return_N=True)
+            self.labels, self.sizes = labels, np.bincount(labels.reshape(-1), minlength=n + 1)
+        return self.labels, self.sizes
 
 
 class MaskRefiner:
@@ -255,7 +270,7 @@ class MaskRefiner:
         self._remember(self._thresholded, threshold, result)
         return result
 
-    # stages 2-3: closing and hole filling, then 26-connected labels for stage 4
+    # stages 2-3: closing and hole filling (stage 4, the minimum size, is applied in mask())
     def _close(self, settings: PostprocessSettings) -> _Closed:
         footprint = ball_footprint(settings.closing_mm, self.spacing)
         key = (float(settings.threshold), footprint.shape, footprint.tobytes(), bool(settings.fill_holes))
@@ -265,13 +280,12 @@ class MaskRefiner:
             return hit
         box, crop = self._threshold(float(settings.threshold))
         if box is None:
-            closed = _Closed(None, None, None)
+            closed = _Closed(None, None)
         else:
             crop = _close_box(crop, footprint)
             if settings.fill_holes:
                 crop = _fill_holes_box(crop)
-            labels, n = cc3d.connected_components(crop, connectivity=26, return_N=True)
-            closed = _Closed(box, labels, np.bincount(labels.ravel(), minlength=n + 1))
+            closed = _Closed(box, crop)
         self._remember(self._closed, key, closed)
         return closed
 
@@ -287,12 +301,17 @@ class MaskRefiner:
         closed = self._close(settings)
         if closed.box is None:
             return out
-        keep = closed.sizes >= min_voxels(settings.min_lesion_ml, self.spacing)
+        smallest = min_voxels(settings.min_lesion_ml, self.spacing)
+        if smallest <= 1:
+            out[closed.box] = closed.crop
+            return out
+        labels, sizes = closed.component_sizes()
+        keep = sizes >= smallest
         keep[0] = False
         if keep[1:].all():
-            out[closed.box] = closed.labels > 0
+            out[closed.box] = closed.crop
         elif keep.any():
-            out[closed.box] = keep[closed.labels]
+            out[closed.box] = keep[labels]
         return out
 
 

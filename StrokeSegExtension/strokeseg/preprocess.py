@@ -91,6 +91,19 @@ def _geometry_only(img: sitk.Image) -> sitk.Image:
     return empty
 
 
+MIN_OVERLAP = 0.5  # an input covering less than half of the reference's box is a different scan
+
+
+def check_overlap(image: Image, grid: Image, key: str, reference_key: str) -> None:
+    """Inputs on other grids are resampled; inputs that do not share the reference's space are errors."""
+    ones = Image(np.ones(image.array.shape[-3:], np.uint8), image.spacing, image.origin, image.direction)
+    covered = float(resample_to(ones, grid, linear=False).array.mean())
+    if covered < MIN_OVERLAP:
+        what = "does not overlap" if covered == 0 else f"covers only {covered:.0%} of"
+        raise InputError(image.meta.get("source", key),
+                         f"{key} {what} the {reference_key} volume's field of view (not the same patient/scan?)")
+
+
 def normalise(array: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
     """Intensity normalisation named by a model card (per input)."""
     a = array.astype(np.float32, copy=False)
@@ -132,6 +145,8 @@ def prepare(images: Mapping[str, Image], card: Any, *, b_value: float | None = N
     arrays = []
     for key in channels:
         img = images[key]
+        if key != card.reference_input:
+            check_overlap(img, grid, key, card.reference_input)
         if img.array.dtype not in (np.float32, np.float64):
             img = img.with_array(img.array.astype(np.float32))
         on_grid = resample_to(img, grid, linear=True)

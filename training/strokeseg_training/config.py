@@ -47,7 +47,9 @@ def run_dir(cfg: dict[str, Any]) -> Path:
 
 def data_key(cfg: dict[str, Any], split: str) -> str:
     """A cache key that changes whenever what the cases look like would change."""
-    blob = json.dumps({"data": cfg["data"], "split": split,
+    from strokeseg.phantom import GENERATOR_VERSION
+
+    blob = json.dumps({"data": cfg["data"], "split": split, "generator": GENERATOR_VERSION,
                        "spacing": cfg["card"]["target_spacing"], "norm": cfg["card"].get("normalisation"),
                        "inputs": cfg["card"]["inputs"]}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]

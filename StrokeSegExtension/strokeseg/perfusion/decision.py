@@ -1,0 +1,146 @@
+"""Core, hypoperfusion and mismatch from perfusion maps (research use only).
+
+Definitions follow the thresholds of the late-window thrombectomy trials as RAPID implements
+them (Albers et al., NEJM 2018, DEFUSE 3; Nogueira et al., NEJM 2018, DAWN):
+  core           CT: CBF below 30% of the mean of the healthy hemisphere;
+                 MR: ADC below 620 x 10^-6 mm^2/s (when an ADC is given);
+  hypoperfusion  Tmax > 6 s (the core counts as hypoperfused);
+  penumbra       hypoperfused tissue outside the core;
+  mismatch       volume = hypoperfusion - core, ratio = hypoperfusion / core;
+  HIR            volume(Tmax > 10 s) / volume(Tmax > 6 s) (Olivot et al., Stroke 2014).
+CT core components must themselves be hypoperfused (median Tmax above the hypoperfusion threshold),
+which removes low-flow tissue that is not ischaemic (CSF partial volume, white matter noise).
+Components smaller than a minimum volume are removed. Every number is a field of ``Thresholds``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cc3d
+import numpy as np
+from scipy import ndimage
+
+RESEARCH_NOTE = ("Research use only: not a medical device and not for clinical decisions. "
+                 "DEFUSE 3-style imaging criteria computed from the maps above.")
+
+
+@dataclass
+class Thresholds:
+    core_rcbf: float = 0.30  # CT core: CBF relative to the healthy hemisphere
+    adc_core: float = 620.0  # MR core: ADC, 10^-6 mm^2/s
+    tmax_hypo_s: float = 6.0
+    tmax_severe_s: float = 10.0
+    core_requires_tmax_s: float | None = 6.0  # CT core components need this median Tmax (None: off)
+    min_core_ml: float = 0.5
+    min_hypo_ml: float = 1.0
+    vessel_cbv: float = 8.0  # mL/100 g: above this a voxel is a vessel, not parenchyma
+    defuse_core_max_ml: float = 70.0
+    defuse_mismatch_ratio: float = 1.8
+    defuse_mismatch_ml: float = 15.0
+
+    def validate(self) -> None:
+        for name, value in asdict(self).items():
+            if value is not None and (not np.isfinite(value) or value < 0):
+                raise ValueError(f"threshold {name} must be a non-negative number, got {value}")
+        if self.tmax_severe_s < self.tmax_hypo_s:
+            raise ValueError("tmax_severe_s must not be below tmax_hypo_s")
+
+
+def _clean(mask: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
+    if min_ml <= 0 or not mask.any():
+        return mask
+    return cc3d.dust(mask.astype(np.uint8), threshold=int(np.ceil(min_ml / voxel_ml)), connectivity=26) > 0
+
+
+def hemispheres(shape: tuple[int, int, int], index_to_physical, brain: np.ndarray) -> np.ndarray:
+    """True on the patient's left (LPS x above the brain's mid-sagittal plane, estimated as the
+    x of the brain's centroid)."""
+    zz, yy, xx = np.indices(shape, dtype=np.float32)
+    # Physical x is affine in the indices: x = a*i + b*j + c*k + d.
+    p0 = index_to_physical(np.zeros((1, 3)))[0, 0]
+    a = index_to_physical(np.array([[1.0, 0, 0]]))[0, 0] - p0
+    b = index_to_physical(np.array([[0, 1.0, 0]]))[0, 0] - p0
+    c = index_to_physical(np.array([[0, 0, 1.0]]))[0, 0] - p0
+    x = a * xx + b * yy + c * zz + p0
+    mid = float(np.mean(x[brain])) if brain.any() else float(np.mean(x))
+    return x > mid
+
+
+def decide(
+    cbf: np.ndarray,
+    tmax: np.ndarray,
+    tissue: np.ndarray,
+    left: np.ndarray,
+    voxel_ml: float,
+    *,
+    kind: str,
+    adc: np.ndarray | None = None,
+    thresholds: Thresholds | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(core, hypoperfusion, penumbra, report) on the map grid; all masks within ``tissue``."""
+    th = thresholds or Thresholds()
+    th.validate()
+    hypo_raw = tissue & (tmax > th.tmax_hypo_s)
+    # The healthy side is the one with less hypoperfusion; its non-hypoperfused tissue is the
+    # CBF reference.
+    left_ml = float(np.count_nonzero(hypo_raw & left)) * voxel_ml
+    right_ml = float(np.count_nonzero(hypo_raw & ~left)) * voxel_ml
+    healthy_left = left_ml < right_ml
+    healthy = tissue & (left if healthy_left else ~left) & (tmax <= th.tmax_hypo_s)
+    if not healthy.any():
+        healthy = tissue & (tmax <= th.tmax_hypo_s)
+    ref_cbf = float(np.mean(cbf[healthy])) if healthy.any() else float("nan")
+    rcbf = cbf / ref_cbf if np.isfinite(ref_cbf) and ref_cbf > 0 else np.zeros_like(cbf)
+
+    if adc is not None:
+        core = tissue & (adc < th.adc_core)
+        method = f"ADC < {th.adc_core:g} x 10^-6 mm^2/s"
+    else:
+        core = tissue & (rcbf < th.core_rcbf)
+        method = f"CBF < {100 * th.core_rcbf:.0f}% of the healthy hemisphere mean"
+        if kind == "mr":
+            method += " (no ADC given; DSC-based core is less reliable)"
+        if th.core_requires_tmax_s is not None and core.any():
+            lab, n = cc3d.connected_components(core.astype(np.uint8), connectivity=26, return_N=True)
+            if n:
+                med = np.asarray(ndimage.median(tmax, labels=lab, index=np.arange(1, n + 1)))
+                keep = np.concatenate([[False], med > th.core_requires_tmax_s])
+                core = keep[lab]
+    core = _clean(core, th.min_core_ml, voxel_ml)
+    hypo = _clean(hypo_raw | core, th.min_hypo_ml, voxel_ml) | core
+    severe = hypo & (tmax > th.tmax_severe_s)
+    penumbra = hypo & ~core
+
+    core_ml = float(np.count_nonzero(core)) * voxel_ml
+    hypo_ml = float(np.count_nonzero(hypo)) * voxel_ml
+    severe_ml = float(np.count_nonzero(severe)) * voxel_ml
+    mismatch_ml = max(hypo_ml - core_ml, 0.0)
+    ratio = hypo_ml / core_ml if core_ml > 0 else None
+    hir = severe_ml / hypo_ml if hypo_ml > 0 else None
+    target = (core_ml < th.defuse_core_max_ml and mismatch_ml >= th.defuse_mismatch_ml
+              and (ratio is None or ratio >= th.defuse_mismatch_ratio) and hypo_ml > 0)
+    report = {
+        "core_ml": round(core_ml, 2),
+        "hypoperfusion_ml": round(hypo_ml, 2),
+        "penumbra_ml": round(float(np.count_nonzero(penumbra)) * voxel_ml, 2),
+        "tmax_severe_ml": round(severe_ml, 2),
+        "mismatch_ml": round(mismatch_ml, 2),
+        "mismatch_ratio": None if ratio is None else round(ratio, 2),
+        "hir": None if hir is None else round(hir, 3),
+        "core_method": method,
+        "hypoperfusion_method": f"Tmax > {th.tmax_hypo_s:g} s",
+        "healthy_hemisphere": "left" if healthy_left else "right",
+        "reference_cbf_ml_100g_min": None if not np.isfinite(ref_cbf) else round(ref_cbf, 2),
+        "thresholds": asdict(th),
+        "defuse3_style": {
+            "research_use_only": True,
+            "core_below_max": core_ml < th.defuse_core_max_ml,
+            "mismatch_ratio_met": ratio is None and hypo_ml > 0 or (ratio is not None and ratio >= th.defuse_mismatch_ratio),
+            "mismatch_volume_met": mismatch_ml >= th.defuse_mismatch_ml,
+            "target_mismatch_profile": bool(target),
+            "note": RESEARCH_NOTE,
+        },
+    }
+    return core, hypo, penumbra, report

@@ -1,0 +1,291 @@
+"""4D perfusion series -> CBF, CBV, MTT, Tmax, TTP maps, core, penumbra and a report.
+
+Steps: validate times -> rigid motion correction -> bolus timing from the head-average curve
+-> masks from the baseline average -> concentration (CT dHU, MR dR2*) -> AIF/VOF -> masked
+in-plane smoothing of the tissue curves -> uniform time grid -> oSVD deconvolution -> maps ->
+decision volumes. ``run_perfusion`` is the Python API (the Slicer module calls it from a worker
+thread, with progress and cancel); ``write_perfusion`` writes the DESIGN.md outputs, all or none.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from scipy import ndimage
+
+from .. import __version__
+from ..errors import Cancelled, InputError, OutputError
+from ..image import Image, resample_to
+from ..io import write_image, write_text
+from .aif import select_input_functions
+from .concentration import DEFAULT_TE_S, bolus_timing, concentration_frame, detect_kind
+from .decision import Thresholds, decide, hemispheres
+from .deconvolution import DEFAULT_OI, deconvolve, time_to_peak
+from .masks import ct_masks, mr_masks
+from .motion import correct_motion
+from .series import resample_time, uniform_grid, validate_series
+
+ProgressFn = Callable[[float, str], None]
+MAP_NAMES = ("cbf", "cbv", "mtt", "tmax", "ttp")
+MAP_UNITS = {"cbf": "mL/100g/min", "cbv": "mL/100g", "mtt": "s", "tmax": "s", "ttp": "s"}
+OUTPUT_FILES = tuple(f"{m}.nii.gz" for m in MAP_NAMES) + ("core.nii.gz", "penumbra.nii.gz", "report.json")
+SMOOTH_MM = {"ct": 2.0, "mr": 1.5}  # Gaussian sigma, in-plane
+
+
+@dataclass
+class PerfusionSettings:
+    motion_correction: bool = True
+    max_motion_mm: float = 10.0
+    smooth_mm: float | None = None  # None: per modality (SMOOTH_MM)
+    oi: float = DEFAULT_OI
+    pv_correction: bool = True
+    correct_tmax_bias: bool = True
+
+
+@dataclass
+class PerfusionResult:
+    maps: dict[str, Image]
+    core: Image
+    penumbra: Image
+    report: dict[str, Any]
+    hypoperfusion: Image | None = None
+    tissue: Image | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("perfusion: cancelled; no output written")
+
+
+def _adc_on_grid(adc: Image, grid: Image) -> np.ndarray:
+    """ADC in 10^-6 mm^2/s on the series grid (anti-aliased when the series is coarser)."""
+    where = adc.meta.get("source")
+    if adc.is_4d:
+        raise InputError(where, "ADC is a 4D series; a 3D map is expected")
+    arr = adc.array.astype(np.float32)
+    vals = arr[np.isfinite(arr) & (arr > 0)]
+    if vals.size == 0:
+        raise InputError(where, "ADC map has no positive values")
+    med = float(np.median(vals))
+    if med < 0.05:
+        arr = arr * 1e6  # mm^2/s
+    elif not 100.0 <= med <= 5000.0:
+        raise InputError(where, f"ADC values (median {med:.3g}) are neither mm^2/s nor 10^-6 mm^2/s")
+    src = adc.with_array(arr)
+    if not src.same_grid(grid):
+        ratio = np.asarray(grid.spacing) / np.asarray(src.spacing)
+        sigma = np.sqrt(np.maximum(ratio**2 - 1.0, 0.0)) / 2.355
+        if np.any(sigma > 0.1):
+            src = src.with_array(ndimage.gaussian_filter(arr, sigma[::-1]).astype(np.float32))
+        src = resample_to(src, grid, linear=True, default=0.0)
+    return src.array
+
+
+def _smoothed(frame_conc: np.ndarray, mask: np.ndarray, norm: np.ndarray, sigma: list[float]) -> np.ndarray:
+    """Gaussian smoothing restricted to ``mask`` (normalised convolution: no vessel or CSF signal
+    leaks into the parenchyma)."""
+    num = ndimage.gaussian_filter(np.where(mask, frame_conc, 0.0).astype(np.float32), sigma, mode="nearest")
+    return np.where(mask, num / np.maximum(norm, 1e-6), frame_conc)
+
+
+def run_perfusion(
+    series: Image,
+    *,
+    kind: str = "auto",
+    te_ms: float | None = None,
+    adc: Image | None = None,
+    aif_point: tuple[float, float, float] | None = None,
+    aif_mask: Image | None = None,
+    thresholds: Thresholds | None = None,
+    settings: PerfusionSettings | None = None,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> PerfusionResult:
+    """Maps, core, penumbra and report from a 4D CT or DSC-MR perfusion series."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    report_progress = progress or (lambda f, m: None)
+    st = settings or PerfusionSettings()
+    th = thresholds or Thresholds()
+    try:
+        th.validate()
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from None
+    where = series.meta.get("source")
+    if kind not in ("auto", "ct", "mr"):
+        raise InputError(None, f"kind must be auto, ct or mr, got {kind!r}")
+    times = validate_series(series, where)
+    report_progress(0.01, "checking the series")
+    arr = series.array if series.array.dtype == np.float32 else series.array.astype(np.float32)
+    frame0 = arr[0]
+    if kind == "auto":
+        kind = detect_kind(arr, series.meta)
+    ct = kind == "ct"
+    rough = ct_masks(frame0, series.spacing) if ct else mr_masks(frame0, series.spacing)
+    if not rough.search.any():
+        raise InputError(where, "no head found in the first frame")
+    # Motion before anything that averages over time.
+    motion_info: dict[str, Any] = {"enabled": st.motion_correction}
+    if st.motion_correction:
+        t = time.perf_counter()
+        mres = correct_motion(series.with_array(arr), clip=(-100.0, 1300.0) if ct else None, head_mask=rough.head,
+                              max_displacement_mm=st.max_motion_mm, where=where, cancel=cancel,
+                              progress=lambda f, m: report_progress(0.02 + 0.28 * f, m))
+        arr = mres.series.array
+        motion_info.update({"max_displacement_mm": round(mres.max_displacement_mm, 2), "corrected_frames": mres.corrected_frames,
+                            "mode": mres.mode})
+        timings["motion_s"] = time.perf_counter() - t
+    _check(cancel)
+
+    t = time.perf_counter()
+    report_progress(0.32, "bolus timing and masks")
+    brain0 = rough.tissue if rough.tissue.any() else rough.search
+    curve = arr[:, brain0].mean(axis=1)
+    timing = bolus_timing(curve, kind, where)
+    s0 = arr[timing.baseline].mean(axis=0)
+    masks = ct_masks(s0, series.spacing) if ct else mr_masks(s0, series.spacing)
+    if not masks.tissue.any():
+        raise InputError(where, "no brain tissue found in the baseline frames")
+    te_s = te_ms / 1000.0 if te_ms is not None else (float(series.meta["echo_time_ms"]) / 1000.0 if series.meta.get("echo_time_ms") else None)
+    te_note = None
+    if not ct and te_s is None:
+        te_s, te_note = DEFAULT_TE_S, f"TE unknown: dR2* computed with TE = {1000 * DEFAULT_TE_S:g} ms (maps do not depend on it)"
+    if not ct and not 0.002 <= te_s <= 0.2:
+        raise InputError(where, f"echo time {1000 * te_s:g} ms is implausible for DSC-MRI")
+    timings["masks_s"] = time.perf_counter() - t
+    _check(cancel)
+
+    # Concentration curves of the search region: raw (AIF, vessels) and smoothed (tissue maps).
+    t = time.perf_counter()
+    report_progress(0.36, "converting to concentration")
+    search = masks.search
+    coords = np.argwhere(search)
+    n_t = arr.shape[0]
+    raw = np.empty((n_t, coords.shape[0]), np.float32)
+    for k in range(n_t):
+        raw[k] = concentration_frame(arr[k][search], s0[search], kind, te_s or 1.0)
+    peak_raw = raw.max(axis=0)
+    tissue = masks.tissue.copy()
+    tissue_peak = np.median(peak_raw[tissue[search]]) if tissue[search].any() else 0.0
+    vessel = np.zeros(search.shape, bool)
+    vessel[search] = peak_raw > 5.0 * max(tissue_peak, 1e-6)
+    tissue &= ~vessel
+    if ct:
+        top = float(arr.max())
+        saturated = ((arr[:, search] >= top).sum(axis=0) >= 2) & (peak_raw > 50.0)
+    else:
+        saturated = (arr[:, search] / np.maximum(s0[search], 1e-6)).min(axis=0) < 0.03
+    sigma_mm = st.smooth_mm if st.smooth_mm is not None else SMOOTH_MM[kind]
+    smooth = raw
+    if sigma_mm > 0:
+        sigma = [0.0, sigma_mm / series.spacing[1], sigma_mm / series.spacing[0]]
+        norm = ndimage.gaussian_filter(tissue.astype(np.float32), sigma, mode="nearest")
+        smooth = np.empty_like(raw)
+        grid = np.zeros(search.shape, np.float32)
+        for k in range(n_t):
+            grid[search] = raw[k]
+            smooth[k] = _smoothed(grid, tissue, norm, sigma)[search]
+    t_grid, dt = uniform_grid(times)
+    raw_u = resample_time(raw, times, t_grid)
+    smooth_u = resample_time(smooth, times, t_grid)
+    timings["concentration_s"] = time.perf_counter() - t
+    _check(cancel)
+
+    t = time.perf_counter()
+    report_progress(0.45, "arterial input")
+    inputs = select_input_functions(raw_u, coords, saturated, dt, where=where, kind=kind, series=series,
+                                    search_mask=search, point=aif_point, mask=aif_mask, pv_correction=st.pv_correction)
+    timings["aif_s"] = time.perf_counter() - t
+    _check(cancel)
+
+    t = time.perf_counter()
+    dec = deconvolve(smooth_u, inputs.aif.astype(np.float64), dt, oi=st.oi, cancel=cancel,
+                     correct_tmax_bias=st.correct_tmax_bias,
+                     progress=lambda f, m: report_progress(0.5 + 0.4 * f, m))
+    ttp = time_to_peak(smooth_u, dt) + np.float32(t_grid[0] - times[0])
+    timings["deconvolution_s"] = time.perf_counter() - t
+    _check(cancel)
+
+    t = time.perf_counter()
+    report_progress(0.92, "core and penumbra")
+    geom = series.frame(0)
+    values = {"cbf": dec.cbf, "cbv": dec.cbv, "mtt": dec.mtt, "tmax": dec.tmax, "ttp": ttp}
+    maps: dict[str, Image] = {}
+    for name in MAP_NAMES:
+        grid = np.zeros(search.shape, np.float32)
+        grid[search] = values[name]
+        maps[name] = Image(grid, geom.spacing, geom.origin, geom.direction, {"map": name, "units": MAP_UNITS[name]})
+    tissue &= maps["cbv"].array <= th.vessel_cbv
+    adc_grid = _adc_on_grid(adc, geom) if adc is not None else None
+    tissue_dec = tissue
+    left = hemispheres(search.shape, geom.index_to_physical, search)
+    core, hypo, penumbra, decision = decide(maps["cbf"].array, maps["tmax"].array, tissue_dec, left, geom.voxel_volume_ml,
+                                            kind=kind, adc=adc_grid, thresholds=th)
+    timings["decision_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+
+    report: dict[str, Any] = {
+        "engine_version": __version__,
+        "research_use_only": True,
+        "input": {"source": where, "kind": kind, "frames": int(n_t), "duration_s": round(float(times[-1] - times[0]), 2),
+                  "grid": list(series.size), "spacing_mm": [round(s, 4) for s in series.spacing],
+                  "analysis_dt_s": round(dt, 4), "echo_time_ms": None if te_s is None or ct else round(1000 * te_s, 2)},
+        **decision,
+        "bolus": {"arrival_s": round(float(times[timing.arrival] - times[0]), 2), "peak_s": round(float(times[timing.peak] - times[0]), 2),
+                  "baseline_frames": timing.baseline.stop},
+        "arterial_input": {
+            "source": inputs.source,
+            "voxels_lps_mm": [[round(float(v), 2) for v in p] for p in geom.index_to_physical(inputs.aif_voxels[:, ::-1].astype(float))],
+            "partial_volume_scale": round(inputs.pv_scale, 3),
+            "curve": [round(float(v), 4) for v in inputs.aif],
+            "venous_voxels_lps_mm": [[round(float(v), 2) for v in p] for p in geom.index_to_physical(inputs.vof_voxels[:, ::-1].astype(float))] if inputs.vof_voxels.size else [],
+            "venous_curve": None if inputs.vof is None else [round(float(v), 4) for v in inputs.vof],
+            "times_s": [round(float(v - times[0]), 3) for v in t_grid],
+            "units": "HU" if ct else "1/s (dR2*)",
+        },
+        "motion": motion_info,
+        "tissue_ml": round(float(np.count_nonzero(tissue_dec)) * geom.voxel_volume_ml, 2),
+        "settings": {"smooth_mm": sigma_mm, "oi": st.oi, "pv_correction": st.pv_correction, "tmax_bias_correction": st.correct_tmax_bias},
+        "notes": [n for n in [te_note, *inputs.notes] if n],
+        "units": MAP_UNITS,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    as_img = lambda m: Image(m.astype(np.uint8), geom.spacing, geom.origin, geom.direction)  # noqa: E731
+    report_progress(1.0, "done")
+    return PerfusionResult(maps, as_img(core), as_img(penumbra), report, as_img(hypo), as_img(tissue_dec), timings)
+
+
+def write_perfusion(result: PerfusionResult, out_dir: str | Path) -> Path:
+    """Write the maps, core, penumbra and report.json; all appear or none (staged beside ``out_dir``)."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from None
+    try:
+        for name in MAP_NAMES:
+            m = result.maps[name]
+            write_image(m.with_array(m.array.astype(np.float32)), stage / f"{name}.nii.gz")
+        write_image(result.core, stage / "core.nii.gz")
+        write_image(result.penumbra, stage / "penumbra.nii.gz")
+        write_text(json.dumps(result.report, indent=2), stage / "report.json")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        for name in OUTPUT_FILES:  # report.json last: it marks the result as complete
+            shutil.move(str(stage / name), str(out_dir / name))
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: could not write results ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out_dir
