@@ -116,7 +116,7 @@ def loadSampleCase(sample):
         # needing a DICOM database; DICOM SEG export finds the source files through the storage node.
         from StrokeSegLib.headless import load_dicom_series
 
-        return load_dicom_series(slicer.mrmlScene, slicer.modules.volumes.logic(), files, name)
+        return load_dicom_series(slicer.modules.volumes.logic(), files, name)
 
     with slicer.util.WaitCursor():
         nodes = load_sample(sample, sampleCacheDirectory(), loadVolume, loadDicomSeries)
@@ -562,10 +562,15 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = not running
         self.ui.refineCollapsibleButton.enabled = hasResult and not running
         self.ui.exportCollapsibleButton.enabled = hasResult and not running
+        canUndo = canRedo = False
         if hasResult and not running:
-            mask = self.logic.core.lesion_mask()
-            self.ui.undoButton.enabled = mask.can_undo()
-            self.ui.redoButton.enabled = mask.can_redo()
+            try:
+                mask = self.logic.core.lesion_mask()
+                canUndo, canRedo = mask.can_undo(), mask.can_redo()
+            except Exception as exc:  # noqa: BLE001 - e.g. the probability volume was replaced by hand
+                self.ui.editStatusLabel.text = str(exc)
+        self.ui.undoButton.enabled = canUndo
+        self.ui.redoButton.enabled = canRedo
 
     def _log(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)

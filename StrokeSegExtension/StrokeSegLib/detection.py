@@ -55,7 +55,7 @@ def candidate_nodes(scene: Any) -> list[Any]:
 
 def detect_node(scene: Any, node: Any, file_for_instance: Callable[[str], str] | None = None) -> VolumeDetection:
     try:
-        image = image_from_node(scene, node, file_for_instance=file_for_instance)
+        image = image_from_node(scene, node, file_for_instance=file_for_instance, preview=True)
     except StrokeSegError as exc:
         return VolumeDetection(node, None, 0.0, f"not usable: {exc}")
     found = detect_modality(image, node.GetName() or "")

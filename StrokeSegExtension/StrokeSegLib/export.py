@@ -1,7 +1,7 @@
 """Exporting a result: NIfTI mask and probability, ``.seg.nrrd``, DICOM SEG, report CSV + JSON.
 
-Everything is written into a staging folder next to the destination first; only when every
-file was written are they moved into place (``os.replace``, atomic per file). A failure (a
+Everything is written into a hidden staging folder inside the destination first; only when
+every file was written are they moved into place (``os.replace``, atomic per file). A failure (a
 full disk, a reference volume that no longer matches its DICOM series) leaves the destination
 as it was.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import slicer
 
-from strokeseg.errors import OutputError
+from strokeseg.errors import InputError, OutputError
 from strokeseg.io import write_image, write_text
 from strokeseg.report import report_to_csv
 
@@ -105,11 +105,14 @@ def export_results(request: ExportRequest) -> dict[str, Path]:
             segments = _segments_for_dicom(request)
             if segments:
                 model = request.report.get("model") or {}
-                written["dicom_seg"] = write_dicom_seg(
-                    stage / DICOM_SEG_FILE, reference=reference, source_files=sources, segments=segments,
-                    algorithm_name=f"StrokeSeg {model.get('id', '')}".strip(),
-                    algorithm_version=str(model.get("version") or request.algorithm_version or "unknown"),
-                )
+                try:
+                    written["dicom_seg"] = write_dicom_seg(
+                        stage / DICOM_SEG_FILE, reference=reference, source_files=sources, segments=segments,
+                        algorithm_name=f"StrokeSeg {model.get('id', '')}".strip(),
+                        algorithm_version=str(model.get("version") or request.algorithm_version or "unknown"),
+                    )
+                except InputError as exc:  # name the volume the user knows
+                    raise InputError(request.reference.GetName(), f"DICOM SEG not written: {exc.problem}") from None
         final = {}
         for key, path in written.items():
             target = out_dir / path.name

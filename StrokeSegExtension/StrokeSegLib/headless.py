@@ -47,7 +47,7 @@ class SlicerContext:
 
     def load_dicom_series(self, files: Sequence[str | Path], name: str | None = None):
         """A scalar volume node from the files of one DICOM series (see :func:`load_dicom_series`)."""
-        return load_dicom_series(self.scene, self.volumes_logic, files, name)
+        return load_dicom_series(self.volumes_logic, files, name)
 
     def load_segmentation(self, path: str | Path, name: str | None = None):
         path = Path(path)
@@ -82,7 +82,7 @@ class SlicerContext:
             raise InputError(path, "not a readable Slicer scene bundle")
 
 
-def load_dicom_series(scene: Any, volumes_logic: Any, files: Sequence[str | Path], name: str | None = None):
+def load_dicom_series(volumes_logic: Any, files: Sequence[str | Path], name: str | None = None):
     """A scalar volume from the files of one DICOM series, loaded as Slicer's DICOM plugin does.
 
     Slices sorted along the slice normal, read by the volumes logic's archetype reader with the
@@ -103,7 +103,7 @@ def load_dicom_series(scene: Any, volumes_logic: Any, files: Sequence[str | Path
     for f in files:
         file_list.InsertNextValue(f)
     series_name = name or str(getattr(headers[0], "SeriesDescription", "") or "DICOM series")
-    node = volumes_logic.AddArchetypeScalarVolume(files[0], scene.GenerateUniqueName(series_name), 0, file_list)
+    node = volumes_logic.AddArchetypeScalarVolume(files[0], series_name, 0, file_list)
     if node is None:
         raise InputError(files[0], "Slicer's volumes logic could not read this DICOM series")
     node.SetAttribute("DICOM.instanceUIDs", " ".join(str(h.SOPInstanceUID) for h in headers))

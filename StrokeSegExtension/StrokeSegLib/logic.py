@@ -281,22 +281,23 @@ class StrokeSegLogic:
         """Core / penumbra volumes and mismatch from the core and penumbra segments, when present."""
         params = self.params
         seg = params.segmentation.GetSegmentation()
-        volumes: dict[str, float] = {}
+        masks: dict[str, np.ndarray] = {}
         for i in range(seg.GetNumberOfSegments()):
             role = get_tag(seg.GetNthSegment(i), ROLE_TAG)
             if role in ("core", "penumbra"):
-                mask = read_mask(params.segmentation, seg.GetNthSegmentID(i), params.referenceVolume)
-                volumes[role] = volumes.get(role, 0.0) + float(np.count_nonzero(mask)) * voxel_ml
+                mask = read_mask(params.segmentation, seg.GetNthSegmentID(i), params.referenceVolume) > 0
+                masks[role] = masks[role] | mask if role in masks else mask
         out: dict[str, float] = {}
-        if "core" in volumes:
-            out["core_volume_ml"] = volumes["core"]
-        if "penumbra" in volumes:
-            out["penumbra_volume_ml"] = volumes["penumbra"]
-            out["mismatch_volume_ml"] = volumes["penumbra"]  # penumbra = hypoperfused tissue outside the core
-        if "core" in volumes and "penumbra" in volumes:
-            out["hypoperfusion_volume_ml"] = volumes["core"] + volumes["penumbra"]
-            if volumes["core"] > 0:
-                out["mismatch_ratio"] = out["hypoperfusion_volume_ml"] / volumes["core"]
+        if "core" in masks:
+            out["core_ml"] = float(np.count_nonzero(masks["core"])) * voxel_ml
+        if "penumbra" in masks:
+            out["penumbra_ml"] = float(np.count_nonzero(masks["penumbra"])) * voxel_ml
+        if "core" in masks and "penumbra" in masks:
+            hypo = float(np.count_nonzero(masks["core"] | masks["penumbra"])) * voxel_ml  # edits may overlap them
+            out["hypoperfusion_ml"] = hypo
+            out["mismatch_ml"] = max(hypo - out["core_ml"], 0.0)
+            if out["core_ml"] > 0:
+                out["mismatch_ratio"] = hypo / out["core_ml"]
         return out
 
     # -- export --------------------------------------------------------------------------

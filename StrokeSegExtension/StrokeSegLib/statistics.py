@@ -26,15 +26,17 @@ LESION_COLUMNS = (
 )
 SUMMARY_COLUMNS = (("Measure", "string", "", ""), ("Value", "string", "", ""), ("Unit", "string", "", ""))
 
-# Report keys shown in the summary when present (perfusion reports add the last ones).
+# Report keys shown in the summary when present; the perfusion ones are named as in the engine's
+# perfusion report (strokeseg.perfusion): hypoperfusion includes the core, mismatch = hypo - core.
 SUMMARY_ROWS = (
     ("total_volume_ml", "Total lesion volume", "mL"),
     ("lesion_count", "Lesion count", ""),
-    ("core_volume_ml", "Infarct core volume", "mL"),
-    ("penumbra_volume_ml", "Penumbra volume", "mL"),
-    ("hypoperfusion_volume_ml", "Hypoperfused volume", "mL"),
-    ("mismatch_volume_ml", "Mismatch volume", "mL"),
+    ("core_ml", "Infarct core volume", "mL"),
+    ("penumbra_ml", "Penumbra volume", "mL"),
+    ("hypoperfusion_ml", "Hypoperfused volume", "mL"),
+    ("mismatch_ml", "Mismatch volume", "mL"),
     ("mismatch_ratio", "Mismatch ratio", ""),
+    ("hir", "Hypoperfusion intensity ratio", ""),
 )
 
 _ARRAYS = {"int": vtk.vtkIntArray, "double": vtk.vtkDoubleArray, "string": vtk.vtkStringArray}

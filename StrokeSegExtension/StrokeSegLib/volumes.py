@@ -128,12 +128,14 @@ def node_meta(node: Any, file_for_instance: Callable[[str], str] | None = None) 
     return meta
 
 
-def image_from_volume(node: Any, *, file_for_instance: Callable[[str], str] | None = None) -> Image:
-    """A scalar (3D) or MultiVolume (4D) node as an engine Image; voxels are copied."""
+def image_from_volume(node: Any, *, file_for_instance: Callable[[str], str] | None = None, copy: bool = True) -> Image:
+    """A scalar (3D) or MultiVolume (4D) node as an engine Image; voxels copied unless ``copy=False``
+    (a view of the node's voxels: only for reading on the main thread while the node lives)."""
     if node is None or node.GetImageData() is None:
         raise InputError(None if node is None else _node_label(node), "volume has no voxels")
     spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_ras(node))
-    array = np.array(slicer.util.arrayFromVolume(node), copy=True)
+    array = slicer.util.arrayFromVolume(node)
+    array = np.array(array, copy=True) if copy else array
     meta = node_meta(node, file_for_instance)
     if array.ndim == 4:  # multi-component: frames of a MultiVolume, (z, y, x, t) -> (t, z, y, x)
         array = np.moveaxis(array, -1, 0)
@@ -163,8 +165,9 @@ def sequence_for_proxy(scene: Any, node: Any):
     return None
 
 
-def image_from_sequence(sequence: Any) -> Image:
-    """A Sequence node of scalar volumes as a (t, z, y, x) Image with frame times in seconds."""
+def image_from_sequence(sequence: Any, max_frames: int | None = None) -> Image:
+    """A Sequence node of scalar volumes as a (t, z, y, x) Image with frame times in seconds
+    (the first ``max_frames`` frames only, when given: enough to classify a series)."""
     n = sequence.GetNumberOfDataNodes()
     label = _node_label(sequence)
     if n < 2:
@@ -174,7 +177,7 @@ def image_from_sequence(sequence: Any) -> Image:
     if scale is None:
         raise InputError(label, f"sequence index unit '{unit}' is not a time unit (s or ms)")
     frames, times, first = [], [], None
-    for i in range(n):
+    for i in range(n if max_frames is None else min(n, max(2, max_frames))):
         frame = sequence.GetNthDataNode(i)
         if frame is None or not frame.IsA("vtkMRMLScalarVolumeNode"):
             raise InputError(label, f"frame {i} is not a scalar volume")
@@ -196,14 +199,19 @@ def image_from_sequence(sequence: Any) -> Image:
     return Image(np.stack(frames), spacing, origin, direction, meta)
 
 
-def image_from_node(scene: Any, node: Any, *, file_for_instance: Callable[[str], str] | None = None) -> Image:
-    """Any supported input node (scalar volume, sequence or its proxy, MultiVolume) as an Image."""
+def image_from_node(scene: Any, node: Any, *, file_for_instance: Callable[[str], str] | None = None,
+                    preview: bool = False) -> Image:
+    """Any supported input node (scalar volume, sequence or its proxy, MultiVolume) as an Image.
+
+    ``preview``: for classification only, without copying voxels (views of 3D volumes, the first
+    two frames of a 4D series).
+    """
     if node.IsA("vtkMRMLSequenceNode"):
-        return image_from_sequence(node)
+        return image_from_sequence(node, max_frames=2 if preview else None)
     sequence = sequence_for_proxy(scene, node)
     if sequence is not None and sequence.GetNumberOfDataNodes() > 1:
-        return image_from_sequence(sequence)
-    return image_from_volume(node, file_for_instance=file_for_instance)
+        return image_from_sequence(sequence, max_frames=2 if preview else None)
+    return image_from_volume(node, file_for_instance=file_for_instance, copy=not preview)
 
 
 # -- image -> node -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from strokeseg.errors import InputError
 from strokeseg.io import read_image
 from strokeseg.phantom import PhantomCase, generate_cases, lesion_split, simulate_dwi, write_case
 from strokeseg.phantom.library import entries_for
@@ -144,6 +145,13 @@ def test_procedural_mode_and_healthy_control(case_proc):
     assert healthy.images["dwi"].array.any()
 
 
+def test_procedural_territories_without_atlas():
+    c = simulate_dwi(13, lesion_pattern="territorial", atlas=False, distractors=False, **SMALL)
+    assert c.info["territory_atlas"] == "procedural"
+    assert c.lesion.array.any() and c.info["territories"]
+    assert all(t.endswith(("left", "right")) for t in c.info["territories"])
+
+
 def test_embolic_pattern_and_distractors_leave_truth_unchanged():
     kw = dict(lesion_pattern="embolic", **SMALL)
     with_d = simulate_dwi(11, **kw)
@@ -199,3 +207,7 @@ def test_flair_on_its_own_grid_and_generate_cases(tmp_path):
         simulate_dwi(0, lesion_pattern="giant")
     with pytest.raises(TypeError):
         simulate_dwi(0, not_an_option=1)
+    with pytest.raises(InputError, match="missing"):
+        simulate_dwi(0, lesion_library=tmp_path / "missing")
+    with pytest.raises(ValueError):
+        simulate_dwi(0, split="training")

@@ -266,11 +266,12 @@ def test_perfusion_core_and_penumbra_segments_and_mismatch(scene):
     logic.write_fixed_segment("penumbra", penumbra)
     report = logic.update_statistics()
     voxel_ml = result.mask.voxel_volume_ml
-    assert report["core_volume_ml"] == pytest.approx(core.sum() * voxel_ml)
-    assert report["penumbra_volume_ml"] == pytest.approx(penumbra.sum() * voxel_ml)
+    assert report["core_ml"] == pytest.approx(core.sum() * voxel_ml)
+    assert report["penumbra_ml"] == pytest.approx(penumbra.sum() * voxel_ml)
+    assert report["mismatch_ml"] == pytest.approx(penumbra.sum() * voxel_ml)
     assert report["mismatch_ratio"] == pytest.approx((core.sum() + penumbra.sum()) / core.sum())
     names = {r["Measure"] for r in table_as_rows(logic.params.summaryTable)}
-    assert {"Infarct core volume", "Penumbra volume", "Mismatch ratio"} <= names
+    assert {"Infarct core volume", "Penumbra volume", "Hypoperfused volume", "Mismatch volume", "Mismatch ratio"} <= names
     seg = logic.params.segmentation.GetSegmentation()
     assert "SCT^52674009^Ischemia" in seg.GetSegment(seg.GetSegmentIdBySegmentName("Penumbra")).GetTerminology()
 
@@ -371,7 +372,7 @@ def test_dicom_seg_refused_when_the_reference_no_longer_matches_its_series(tmp_p
     matrix[:3, 3] += 7.0  # the user moved the volume
     dwi.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(matrix))
     out = tmp_path / "out"
-    with pytest.raises(InputError, match="no source DICOM slice"):
+    with pytest.raises(InputError, match="Series 1: DICOM SEG not written: no source DICOM slice"):
         logic.export(out)
     assert not out.exists() or not list(out.iterdir())  # nothing written, no staging folder left
 

@@ -234,3 +234,18 @@ def test_volume_without_voxels_is_refused(ctx):
     node = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(InputError, match="no voxels"):
         image_from_volume(node)
+
+
+def test_4d_series_are_detection_candidates_and_their_proxies_are_not(ctx):
+    from StrokeSegLib.detection import candidate_nodes, detect_node
+
+    _, sequence = _sequence(ctx)
+    browser = ctx.scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    proxy = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ctp proxy")
+    browser.AddProxyNode(proxy, sequence, False)
+    slicer.util.updateVolumeFromArray(proxy, slicer.util.arrayFromVolume(sequence.GetNthDataNode(0)))
+    ids = [n.GetID() for n in candidate_nodes(ctx.scene)]
+    assert sequence.GetID() in ids and proxy.GetID() not in ids
+    found = detect_node(ctx.scene, sequence)
+    assert found.key == "ctp", found.reason

@@ -79,7 +79,9 @@ def do_export(cfg: dict, command: str) -> Path:
     training = {"data": cfg["data"].get("description", "StrokeSeg phantoms"), "command": command,
                 "seed": int(cfg["train"].get("seed", 0)), "duration_s": round(float(tsum["duration_s"]), 1),
                 "device": tsum["device"], "steps": tsum["steps_done"]}
-    folder = export_model(cfg, [out / "best.safetensors"], postprocess=tuned, validation=validation, training=training)
+    models_dir = Path(cfg["models_dir"]) if cfg.get("models_dir") else None
+    folder = export_model(cfg, [out / "best.safetensors"], postprocess=tuned, validation=validation, training=training,
+                          models_dir=models_dir)
     print(f"exported to {folder}")
     return folder
 

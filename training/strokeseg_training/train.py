@@ -106,19 +106,27 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     opt = torch.optim.AdamW(net.parameters(), lr=float(tc.get("lr", 2e-3)), weight_decay=float(tc.get("weight_decay", 1e-4)))
     steps = int(tc["steps"])
     warm = int(tc.get("warmup", 100))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    base_lr = float(tc.get("lr", 2e-3))
+    budget_s = float(tc.get("max_minutes", 1e9)) * 60
+
+    def set_lr(step: int, elapsed: float) -> float:
+        """Warm-up then cosine decay over the run's progress: steps done or time budget used,
+        whichever is further, so a time-limited CPU run still anneals."""
+        progress = min(1.0, max(step / steps, elapsed / budget_s))
+        lr = base_lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * progress))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return lr
     loss_fn = make_loss(tc.get("loss", "dicece"))
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
 
-    start, best, smoothed = 0, -1.0, None
+    start, best, smoothed, elapsed0 = 0, -1.0, None, 0.0
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=dev, weights_only=True)  # our own file; still no pickled code
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start, best = int(state["step"]), float(state["best"])
+        start, best, elapsed0 = int(state["step"]), float(state["best"]), float(state.get("elapsed_s", 0.0))
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
     module = net.module if world > 1 else net
@@ -126,20 +134,19 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     log_csv = out / "log.csv"
     if rank == 0 and (start == 0 or not log_csv.is_file()):
         log_csv.write_text("step,loss,lr,val_dice,elapsed_s\n")
-    budget_s = float(tc.get("max_minutes", 1e9)) * 60
-    t0 = time.time()
+    t0 = time.time() - elapsed0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="training", disable=rank != 0)
     net.train()
     for step in bar:
         x, y = sampler.batch(int(tc.get("batch_size", 2)))
         x, y = x.to(dev), y.to(dev)
+        lr = set_lr(step, time.time() - t0)
         with torch.autocast(dev.type, enabled=dev.type == "cuda"):
             loss = loss_fn(net(x), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        sched.step()
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         last = step + 1 == steps or time.time() - t0 > budget_s
         if rank == 0:
@@ -152,12 +159,12 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
                     best = val_dice
                     save_weights(module, out / "best.safetensors")
                 save_weights(module, out / "last.safetensors")
-                torch.save({"net": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                            "step": step + 1, "best": best}, ckpt)
+                torch.save({"net": module.state_dict(), "opt": opt.state_dict(), "step": step + 1, "best": best,
+                            "elapsed_s": time.time() - t0}, ckpt)
                 plot_curves(log_csv, out / "curves.png")
             if (step + 1) % 25 == 0 or val:
                 with log_csv.open("a") as f:
-                    f.write(f"{step + 1},{smoothed:.5f},{sched.get_last_lr()[0]:.3e},{val},{time.time() - t0:.1f}\n")
+                    f.write(f"{step + 1},{smoothed:.5f},{lr:.3e},{val},{time.time() - t0:.1f}\n")
         if last:
             break
     if rank == 0:

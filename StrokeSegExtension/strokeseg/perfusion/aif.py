@@ -67,8 +67,12 @@ def select_input_functions(
     point: tuple[float, float, float] | None = None,
     mask: Image | None = None,
     pv_correction: bool = True,
+    tissue_peak: int | None = None,
 ) -> InputFunctions:
-    """Pick AIF and VOF from search-region curves ``conc`` (time x voxel) at ``coords`` (voxel x zyx)."""
+    """Pick AIF and VOF from search-region curves ``conc`` (time x voxel) at ``coords`` (voxel x zyx).
+
+    ``tissue_peak``: sample index at which the parenchyma's average curve peaks (arteries peak
+    before it)."""
     peak = conc.max(axis=0)
     ttp = np.argmax(conc, axis=0)
     auc = np.maximum(conc, 0).sum(axis=0) * dt
@@ -84,8 +88,11 @@ def select_input_functions(
         chosen = chosen[~saturated[chosen]]
     else:
         source = "auto"
-        # Arteries fill first: the earliest 30% of the tallest curves, rough (noisy) ones dropped.
+        # Arteries fill first: they peak before the parenchyma (the head-average curve), veins
+        # after it. Of the tallest curves, the earliest 30% that peak before the tissue do.
         early = top[ttp[top] <= np.percentile(ttp[top], 30)]
+        if tissue_peak is not None:
+            early = early[ttp[early] < tissue_peak]
         sat_frac = float(saturated[early].mean()) if early.size else 0.0
         if sat_frac > 0.3:
             what = "clipped at the top of the CT scale" if kind == "ct" else "dropped to the noise floor"
@@ -119,13 +126,14 @@ def _user_voxels(conc, coords, peak, *, where, series, search_mask, point, mask)
     lookup = -np.ones(search_mask.shape, dtype=np.int64)
     lookup[tuple(coords.T)] = np.arange(coords.shape[0])
     if point is not None:
+        where_pt = "(" + ", ".join(f"{float(v):.1f}" for v in point) + ") mm"
         idx = np.round(series.physical_to_index(np.asarray(point, float))[0]).astype(int)  # x, y, z
         size = np.asarray(series.size)
         if np.any(idx < 0) or np.any(idx >= size):
-            raise InputError(where, f"arterial input point {tuple(round(p, 1) for p in point)} mm is outside the image")
+            raise InputError(where, f"arterial input point {where_pt} is outside the image")
         x, y, z = idx
         if not search_mask[z, y, x]:
-            raise InputError(where, f"arterial input point {tuple(round(p, 1) for p in point)} mm lies outside the brain")
+            raise InputError(where, f"arterial input point {where_pt} lies outside the brain")
         # Snap to the tallest curve of the in-plane 3x3 neighbourhood (the vessel's centre).
         ys = slice(max(y - 1, 0), y + 2)
         xs = slice(max(x - 1, 0), x + 2)

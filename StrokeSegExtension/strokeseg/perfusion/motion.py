@@ -6,9 +6,9 @@ correlation, which the contrast bolus (a global rise in CT, a global drop in MR)
 on intensity-clipped copies averaged down to ~4 mm (then ~2 mm) pixels; only frames that
 actually moved are resampled.
 
-A perfusion CT slab is a few thick slices: rotations about the in-plane axes and through-plane
-shifts are not recoverable from it (the anatomy that moved out of the slab is gone), so a thin
-slab is registered in-plane only (rotation about the slice normal + in-plane shift), on its
+A perfusion slab of a few thick slices (or any series of >= 4 mm slices): rotations about the
+in-plane axes and through-plane shifts are not recoverable from it (the anatomy that moved out of
+a slice is gone), so it is registered in-plane only (rotation about the slice normal + in-plane shift), on its
 slice-averaged image, which is also 10-50x cheaper. Whole-brain series get a full 3D rigid fit.
 """
 
@@ -26,6 +26,7 @@ from ..image import Image
 
 ProgressFn = Callable[[float, str], None]
 THIN_SLAB_MM = 60.0
+THICK_SLICE_MM = 4.0  # slices this thick carry no usable through-plane detail for registration
 
 
 @dataclass
@@ -72,8 +73,7 @@ def _copy_2d(frame: Image, clip: tuple[float, float] | None, shrink: tuple[int, 
     return img
 
 
-def _register(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None, init: sitk.Transform,
-              step: float, iterations: int, weights: list[float] | None, relax: float = 0.5) -> sitk.Transform:
+def _method(mask: sitk.Image | None) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()
     if mask is not None:
@@ -81,17 +81,34 @@ def _register(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None, in
     reg.SetMetricSamplingStrategy(reg.REGULAR)
     reg.SetMetricSamplingPercentage(0.5, 1234)
     reg.SetInterpolator(sitk.sitkLinear)
+    return reg
+
+
+def _metric(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None, tx: sitk.Transform) -> float:
+    reg = _method(mask)
+    reg.SetInitialTransform(tx, inPlace=False)
+    return float(reg.MetricEvaluate(fixed, moving))
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None, init: sitk.Transform,
+              step: float, iterations: int, relax: float) -> sitk.Transform:
+    """Optimise from ``init``, then keep whichever of the result, ``init`` and no motion matches
+    best: a noisy frame or the bolus can send the optimiser off, never make things worse."""
+    reg = _method(mask)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=step, minStep=0.01 if relax < 0.6 else 0.005,
                                                  numberOfIterations=iterations, relaxationFactor=relax,
                                                  gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScalesFromPhysicalShift()
-    if weights is not None:
-        reg.SetOptimizerWeights(weights)
     reg.SetInitialTransform(init, inPlace=False)
     tx = reg.Execute(fixed, moving)
     if tx.GetName() == "CompositeTransform":
         tx = sitk.CompositeTransform(tx).GetNthTransform(0)
-    return tx
+    tx = type(init)(tx)
+    identity = type(init)(init)
+    identity.SetIdentity()
+    candidates = [tx, type(init)(init), identity]
+    scores = [_metric(fixed, moving, mask, c) for c in candidates]
+    return candidates[int(np.argmin(scores))]
 
 
 def inplane_rigid(angle: float, translation, centre, geometry: Image) -> sitk.AffineTransform:
@@ -126,6 +143,65 @@ def _as_affine(tx: sitk.Transform) -> list[float]:
     return [float(v) for v in (*m.ravel(), *offset)]
 
 
+@dataclass
+class _Registration:
+    """Fixed images, masks and geometry of one series' registrations (two resolution levels)."""
+
+    series: Image
+    clip: tuple[float, float] | None
+    thin: bool
+    levels: list[tuple[int, int, int]]
+    fixed: list[sitk.Image]
+    masks: list[sitk.Image | None]
+    corners: np.ndarray  # of the head's bounding box (LPS mm), for displacements
+    start: sitk.Transform  # identity, centred on the head
+
+    @classmethod
+    def build(cls, series: Image, clip, head_mask, reference: int) -> "_Registration":
+        spacing = np.asarray(series.spacing)
+        # ~4 mm then ~2 mm pixels in-plane: plenty for a rigid fit, 4-20x fewer samples.
+        levels = [tuple(int(max(1, np.floor(mm / s))) if i < 2 else 1 for i, s in enumerate(spacing)) for mm in (4.0, 2.0)]
+        thin = (series.size[2] * spacing[2] < THIN_SLAB_MM or spacing[2] >= THICK_SLICE_MM
+                or spacing[2] > 2.5 * spacing[:2].max())
+        if head_mask is not None and head_mask.any():
+            zz, yy, xx = np.nonzero(head_mask)
+            lo, hi = np.array([xx.min(), yy.min(), zz.min()]), np.array([xx.max(), yy.max(), zz.max()])
+            mask_img = Image(head_mask.astype(np.float32), series.spacing, series.origin, series.direction)
+        else:
+            lo, hi = np.zeros(3), np.asarray(series.size) - 1
+            mask_img = None
+        corners = series.index_to_physical(
+            np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])], float))
+        copy = _copy_2d if thin else _copy_3d
+        fixed = [copy(series.frame(reference), clip, sh) for sh in levels]
+        masks = [sitk.Cast(copy(mask_img, None, sh) > 0.5, sitk.sitkUInt8) if mask_img is not None else None for sh in levels]
+        if thin:
+            start: sitk.Transform = sitk.Euler2DTransform()
+            start.SetCenter(tuple((lo[:2] + hi[:2]) / 2.0 * spacing[:2]))  # box centre in the slab frame
+        else:
+            start = sitk.Euler3DTransform()
+            start.SetCenter(tuple(corners.mean(axis=0)))
+        return cls(series, clip, thin, levels, fixed, masks, corners, start)
+
+    def copy(self, frame: Image, level: int) -> sitk.Image:
+        return (_copy_2d if self.thin else _copy_3d)(frame, self.clip, self.levels[level])
+
+    def physical(self, tx: sitk.Transform) -> sitk.Transform:
+        return _slab_to_physical(tx, self.series) if self.thin else tx
+
+    def fit(self, frame: Image, init: sitk.Transform, min_correct_mm: float) -> tuple[sitk.Transform, sitk.Transform]:
+        """(transform in the registration frame, as a physical transform). Coarse: a quick fit
+        (most frames have not moved). Fine: only frames that moved, with a slower step
+        relaxation so that small rotations, weakly constrained next to the translations, still
+        get steps once the translation has settled."""
+        tx = _register(self.fixed[0], self.copy(frame, 0), self.masks[0], init, 1.0, 50, 0.5)
+        phys = self.physical(tx)
+        if _max_displacement(phys, self.corners) >= min_correct_mm and self.levels[1] != self.levels[0]:
+            tx = _register(self.fixed[1], self.copy(frame, 1), self.masks[1], tx, 0.5, 40, 0.7)
+            phys = self.physical(tx)
+        return tx, phys
+
+
 def correct_motion(
     series: Image,
     *,
@@ -141,31 +217,14 @@ def correct_motion(
     """Register every frame to ``reference``; raises InputError when a frame moved more than
     ``max_displacement_mm`` (beyond what a rigid correction can undo)."""
     report = progress or (lambda f, m: None)
+    reg = _Registration.build(series, clip, head_mask, reference)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    if reg.thin:
+        # A 2D slab image is a few thousand pixels: ITK's thread pool costs more than it saves
+        # (2-4x slower with 2 threads on a busy 2-core machine). The metric follows the global
+        # default, so that is lowered for the duration of the loop.
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     n = series.array.shape[0]
-    spacing = np.asarray(series.spacing)
-    levels = [tuple(int(max(1, np.floor(mm / s))) if i < 2 else 1 for i, s in enumerate(spacing)) for mm in (4.0, 2.0)]
-    thin = series.size[2] * spacing[2] < THIN_SLAB_MM or spacing[2] > 2.5 * spacing[:2].max()
-    if head_mask is not None and head_mask.any():
-        zz, yy, xx = np.nonzero(head_mask)
-        lo, hi = np.array([xx.min(), yy.min(), zz.min()]), np.array([xx.max(), yy.max(), zz.max()])
-        mask_img = Image(head_mask.astype(np.float32), series.spacing, series.origin, series.direction)
-    else:
-        lo, hi = np.zeros(3), np.asarray(series.size) - 1
-        mask_img = None
-    corners = series.index_to_physical(np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])], float))
-    copy = _copy_2d if thin else _copy_3d
-    fixed = [copy(series.frame(reference), clip, sh) for sh in levels]
-    masks = [sitk.Cast(copy(mask_img, None, sh) > 0.5, sitk.sitkUInt8) if mask_img is not None else None for sh in levels]
-    if thin:
-        mid = (lo[:2] + hi[:2]) / 2.0 * spacing[:2]  # box centre in the slab frame (mm)
-        last: sitk.Transform = sitk.Euler2DTransform()
-        last.SetCenter(tuple(mid))
-        weights = None
-    else:
-        last = sitk.Euler3DTransform()
-        last.SetCenter(tuple(corners.mean(axis=0)))
-        weights = None
-
     out = series.array.astype(np.float32, copy=True)
     disp = [0.0] * n
     mats: list[list[float]] = [[1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0, 0, 0, 0]] * n
@@ -173,36 +232,33 @@ def correct_motion(
     ref_img = series.frame(reference).to_sitk()
     ones = sitk.Image(ref_img.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(ref_img)
-    for k in range(n):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("perfusion: cancelled during motion correction")
-        report(k / n, f"motion correction: frame {k + 1}/{n}")
-        if k == reference:
-            continue
-        frame = series.frame(k)
-        try:
-            # Coarse: a quick fit (most frames have not moved). Fine: only frames that moved, with
-            # a slower step relaxation so the small rotations, weakly constrained next to the
-            # translations, still get steps once the translation has settled.
-            tx = _register(fixed[0], copy(frame, clip, levels[0]), masks[0], last, 1.0, 50, weights, 0.5)
-            phys = _slab_to_physical(tx, series) if thin else tx
-            if _max_displacement(phys, corners) >= min_correct_mm and levels[1] != levels[0]:
-                tx = _register(fixed[1], copy(frame, clip, levels[1]), masks[1], tx, 0.5, 40, weights, 0.7)
-                phys = _slab_to_physical(tx, series) if thin else tx
-        except RuntimeError as exc:
-            raise InputError(where, f"motion correction failed at frame {k + 1} ({str(exc).strip().splitlines()[-1][:80]})") from None
-        d = _max_displacement(phys, corners)
-        if d > max_displacement_mm:
-            raise InputError(where, f"motion beyond correction: frame {k + 1} moved {d:.1f} mm "
-                                    f"(limit {max_displacement_mm:g} mm)")
-        disp[k] = d
-        mats[k] = _as_affine(phys)
-        last = tx
-        if d >= min_correct_mm:
-            res = sitk.Resample(frame.to_sitk(), ref_img, phys, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-            # Voxels that came from outside the field of view keep their own (unmoved) value.
-            inside = sitk.GetArrayFromImage(sitk.Resample(ones, ref_img, phys, sitk.sitkNearestNeighbor, 0)) > 0
-            out[k] = np.where(inside, sitk.GetArrayFromImage(res), out[k])
-            corrected += 1
+    last = reg.start
+    try:
+        for k in range(n):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("perfusion: cancelled during motion correction")
+            report(k / n, f"motion correction: frame {k + 1}/{n}")
+            if k == reference:
+                continue
+            frame = series.frame(k)
+            try:
+                tx, phys = reg.fit(frame, last, min_correct_mm)
+            except RuntimeError as exc:
+                raise InputError(where, f"motion correction failed at frame {k + 1} ({str(exc).strip().splitlines()[-1][:80]})") from None
+            d = _max_displacement(phys, reg.corners)
+            if d > max_displacement_mm:
+                raise InputError(where, f"motion beyond correction: frame {k + 1} moved {d:.1f} mm "
+                                        f"(limit {max_displacement_mm:g} mm)")
+            disp[k] = d
+            mats[k] = _as_affine(phys)
+            last = tx
+            if d >= min_correct_mm:
+                res = sitk.Resample(frame.to_sitk(), ref_img, phys, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+                # Voxels that came from outside the field of view keep their own (unmoved) value.
+                inside = sitk.GetArrayFromImage(sitk.Resample(ones, ref_img, phys, sitk.sitkNearestNeighbor, 0)) > 0
+                out[k] = np.where(inside, sitk.GetArrayFromImage(res), out[k])
+                corrected += 1
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     report(1.0, "motion correction done")
-    return MotionResult(series.with_array(out), disp, mats, corrected, "in-plane" if thin else "3d")
+    return MotionResult(series.with_array(out), disp, mats, corrected, "in-plane" if reg.thin else "3d")

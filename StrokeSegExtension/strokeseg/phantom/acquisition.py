@@ -179,7 +179,9 @@ def draw_acquisition(pose: SubjectPose, rng: np.random.Generator, grid: str = "c
         fov = rng.uniform(220, 250)
         lim = (128, 256) if kind == "dwi" else (192, 384)
         nx = ny = int(np.clip(round(fov / sx / 2) * 2, *lim)) if grid == "clinical" else int(round(fov / sx))
-        nz = int(rng.integers(20, 41)) if grid == "clinical" else int(np.ceil(150 * np.mean(pose.scale) / sz))
+        # Technologists cover the brain (110-175 mm) within the 20-40 slices a protocol allows.
+        nz = int(np.clip(round(rng.uniform(110, 175) / sz), 20, 40)) if grid == "clinical" \
+            else int(np.ceil(150 * np.mean(pose.scale) / sz))
     fov = (nx * sx, ny * sy)
     # Acquired (k-space) matrix: EPI is acquired at ~1.6-2.4 mm and zero-fill interpolated.
     if kind == "dwi":

@@ -171,7 +171,6 @@ def head_model() -> HeadModel:
     t1, gm, wm = (np.pad(a, pad) for a in (t1, gm, wm))
     del imgs, ref
     grid = Grid(t1.shape, tuple(origin), direction)
-    nz = t1.shape[0]
 
     brain_any = t1 > 0.02
     # Spinal cord below the template floor: continue the medulla as a tapering cylinder.

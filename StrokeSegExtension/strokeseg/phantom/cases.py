@@ -13,7 +13,7 @@ from scipy import ndimage
 from ..image import Image
 from ..io import write_image, write_text
 from . import acquisition as acqm
-from .anatomy import head_model
+from .anatomy import head_model, mni_to_lps
 from .lesions import PATTERN_P, PATTERNS, AcuteLesions, make_acute, make_distractors
 from .library import Region, default_atlas_for, label_volumes, library_index, territories
 from .mr_signal import B_VALUE, Contrast, draw_tissue_params, signal_maps
@@ -106,7 +106,8 @@ def simulate_dwi(seed: int, lesion_library: str | Path | None = None, split: str
     none), ``spacing`` (x, y, z mm of the reconstructed grid), ``size`` (x, y, z voxels),
     ``thickness`` (mm), ``tilt_deg``, ``distractors`` (bool), ``artefacts`` (bool: susceptibility,
     ghost), ``snr`` (b0 white-matter SNR at the acquired resolution), ``field_strength`` (1.5 | 3.0),
-    ``atlas`` (path of the arterial territory atlas).
+    ``atlas`` (path of the arterial territory atlas; False = the procedural territory map that
+    is used anyway when the atlas is not on this machine).
     """
     known = {"grid", "lesion_pattern", "spacing", "size", "thickness", "tilt_deg", "distractors", "artefacts",
              "snr", "field_strength", "atlas"}
@@ -114,11 +115,13 @@ def simulate_dwi(seed: int, lesion_library: str | Path | None = None, split: str
     if unknown:
         raise TypeError(f"simulate_dwi got unknown overrides: {sorted(unknown)}")
     rng = _streams(seed, split)
-    head = head_model()
     library = str(Path(lesion_library).resolve()) if lesion_library is not None else None
     if library is not None:
-        library_index(library)  # validates the folder (InputError naming it)
-    atlas = overrides.get("atlas") or default_atlas_for(library)
+        library_index(library)  # validates the folder first (InputError naming it)
+    head = head_model()
+    atlas = overrides.get("atlas")
+    if atlas is None:
+        atlas = default_atlas_for(library)
     terr = territories(str(atlas) if atlas else None)
 
     # Subject: anatomy variation.
@@ -131,7 +134,7 @@ def simulate_dwi(seed: int, lesion_library: str | Path | None = None, split: str
     pattern = overrides.get("lesion_pattern") or str(rl.choice(PATTERNS, p=PATTERN_P))
     if pattern not in PATTERNS:
         raise ValueError(f"lesion_pattern must be one of {PATTERNS}, got {pattern!r}")
-    acute: AcuteLesions = make_acute(pattern, terr, rl, library, split)
+    acute: AcuteLesions = make_acute(pattern, terr, rl, library, split, atrophy)
     distractors = make_distractors(terr, rng["distractor"], acute.region, healthy=acute.region is None) \
         if overrides.get("distractors", True) else []
 
@@ -149,6 +152,10 @@ def simulate_dwi(seed: int, lesion_library: str | Path | None = None, split: str
                                 overrides.get("size"), overrides.get("thickness"), overrides.get("tilt_deg"), "dwi")
     ref_acq = acq.reference(recon=False)
     ref = acq.reference(recon=True)
+    # Coverage: does the slice stack reach the vertex / the cerebellar floor (partial FOV)?
+    landmarks = pose.to_scanner(mni_to_lps(np.array([[0.0, -25.0, 72.0], [0.0, -60.0, -52.0]])))
+    kz = ref.physical_to_index(landmarks)[:, 2]
+    coverage = {"vertex": bool(-0.5 <= kz[0] <= acq.n_slices - 0.5), "cerebellum": bool(-0.5 <= kz[1] <= acq.n_slices - 0.5)}
     offsets, weights, blur = acqm.slice_profile(acq.thickness)
     crop = acqm.template_crop(head, pose, ref_acq, float(np.abs(offsets).max()))
 
@@ -187,8 +194,9 @@ def simulate_dwi(seed: int, lesion_library: str | Path | None = None, split: str
     pe_ax = 0 if acq.pe_axis == 1 else 1
     log_dwi = np.zeros_like(b0)
     for _ in range(3):
-        shift = [float(rn.normal(0, 0.3 * eddy)), 0.0]
-        shift[pe_ax] = float(rn.normal(0, eddy))
+        shift = [0.0, 0.0]
+        shift[pe_ax] = float(rn.normal(0, eddy))  # eddy-current shift is mostly along PE
+        shift[1 - pe_ax] = float(rn.normal(0, 0.3 * eddy))
         d = acqm.reconstruct(sb, sigma / np.sqrt(nex), acq, rn, ghost, t2s, tuple(shift))
         log_dwi += np.log(np.maximum(d, 1e-3))
     dwi = np.exp(log_dwi / 3.0)
@@ -255,7 +263,7 @@ def simulate_dwi(seed: int, lesion_library: str | Path | None = None, split: str
         "tissue": tp.as_dict(),
         "acquisition": {**acq.as_dict(), "b_value": B_VALUE, "te_ms": round(te, 2), "tr_ms": round(tr, 1),
                          "snr_b0_wm": round(snr, 2), "nex": nex, "directions": 3, "eddy_shift_px": round(eddy, 3), "grid": overrides.get("grid", "clinical"),
-                         "nyquist_ghost": round(ghost, 4), **art_info},
+                         "nyquist_ghost": round(ghost, 4), "covers": coverage, **art_info},
         "flair": flair_info,
     }
     for im in images.values():

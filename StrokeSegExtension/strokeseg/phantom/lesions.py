@@ -307,7 +307,7 @@ def heterogeneity(region: Region, reduction: float, t2_prolong: float, rng: np.r
 
 
 def make_acute(pattern: str, terr: Territories, rng: np.random.Generator, library: str | None,
-               split: str | None) -> AcuteLesions:
+               split: str | None, atrophy: float = 0.0) -> AcuteLesions:
     if pattern == "none":
         return AcuteLesions(None, None, None, "none", 0)
     files: list[str] = []
@@ -338,8 +338,10 @@ def make_acute(pattern: str, terr: Territories, rng: np.random.Generator, librar
     h = head_model()
     reductions, red_maps, t2_maps = [], [], []
     for r in regions:
-        # Restrict to parenchyma: the truth is the injured tissue (expert masks graze CSF).
-        r.values *= np.clip(h.gm[r.slices] + h.wm[r.slices], 0, 1)
+        # Restrict to parenchyma: the truth is the injured tissue (expert masks graze CSF), after
+        # the subject's sulcal widening (the same atrophy the signal model applies).
+        gm = h.gm[r.slices] * (1.0 - np.float32(atrophy) * h.sulcal[r.slices])
+        r.values *= np.clip(gm + h.wm[r.slices], 0, 1)
         red = float(rng.uniform(0.30, 0.60))
         a, t = heterogeneity(r, red, float(rng.uniform(0.03, 0.25)), rng)
         reductions.append(red)
@@ -356,7 +358,6 @@ def make_acute(pattern: str, terr: Territories, rng: np.random.Generator, librar
 def make_distractors(terr: Territories, rng: np.random.Generator, avoid: Region | None,
                      healthy: bool = False) -> list[Distractor]:
     """Old infarcts, WMH and T2 shine-through, none overlapping the (dilated) acute lesion."""
-    h = head_model()
     masks = _deep_masks()
     out: list[Distractor] = []
     # White-matter hyperintensities (very common over 60): periventricular caps/bands + deep foci.

@@ -43,11 +43,12 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..image import Image
+from ..perfusion.decision import hemispheres
 from ..io import write_image, write_text
 from . import acquisition as acqm
 from .anatomy import head_model, mni_to_lps, upsample_linear
 from .cases import PhantomCase
-from .lesions import AcuteLesions, make_acute
+from .lesions import AcuteLesions, heterogeneity, make_acute
 from .library import default_atlas_for, library_index, territories
 from .signal import B_VALUE, Contrast, draw_tissue_params, signal_maps
 
@@ -91,7 +92,8 @@ CT_HU = {"gm": (36.0, 42.0), "wm": (26.0, 31.0), "csf": (4.0, 10.0), "blood": (3
 class PerfusionCase(PhantomCase):
     """A perfusion phantom: ``images`` holds the 4D series ("ctp" or "pwi"; "adc", "dwi" for MR)
     and, when computed, our deconvolution's maps ("cbf", "cbv", "mtt", "tmax", "ttp"); ``lesion``
-    is the core; ``truth`` the core, penumbra, true maps and vessel masks."""
+    is the core; ``truth`` the core, penumbra, parenchyma mask, true maps and the arterial and
+    venous blood fraction of each voxel."""
 
     truth: dict[str, Image] = field(default_factory=dict)
 
@@ -428,6 +430,13 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
         if group is None:
             acute = None
     region = acute.region if acute is not None else None
+    if acute is not None and not ct:
+        # The core of a large-vessel stroke in the first hours: ADC 40-60% below normal (rADC
+        # ~0.4-0.6; Purushotham et al., Int J Stroke 2015), stronger than the DWI phantoms' range,
+        # which covers every stroke type and age.
+        red = float(rl.uniform(0.42, 0.6))
+        acute.adc_scale, acute.t2_scale = heterogeneity(acute.region, red, float(rl.uniform(0.03, 0.2)), rl)
+        acute.adc_reduction = [red]
 
     # Acquisition grid.
     racq = rng["acquisition"]
@@ -611,26 +620,6 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
     if not ct:
         images[key].meta["echo_time_ms"] = te_s * 1000.0
 
-    # Truth on the series grid.
-    tissue_truth = (tissue_f >= 0.5) & (vessel < 0.2)
-    tmax_true = np.where(tissue_vox, delay + residue_peak_time(mtt, beta), 0.0).astype(np.float32)
-    ttp_true = np.zeros(ref.array.shape, np.float32)
-    ttp_true.ravel()[idx] = delay.ravel()[idx] + table.peak_after_delay(mtt.ravel()[idx], bidx)
-    core_truth = core & (tissue_f >= 0.25)
-    hypo_truth = (tissue_truth & (tmax_true > 6.0)) | core_truth
-    penumbra_truth = hypo_truth & ~core_truth
-    geom = ref
-    mk = lambda a, dtype=np.float32: geom.with_array(np.where(tissue_vox, a, 0).astype(dtype))  # noqa: E731
-    truth = {
-        "core": geom.with_array(core_truth.astype(np.uint8)),
-        "penumbra": geom.with_array(penumbra_truth.astype(np.uint8)),
-        "tissue": geom.with_array(tissue_truth.astype(np.uint8)),
-        "artery": geom.with_array(((art_ok + art_aff) >= 0.3).astype(np.uint8)),
-        "vein": geom.with_array((vein >= 0.3).astype(np.uint8)),
-        "cbf": mk(cbf_v), "cbv": mk(cbv_v), "mtt": mk(mtt), "tmax": mk(tmax_true), "ttp": mk(ttp_true),
-    }
-    voxel_ml = ref.voxel_volume_ml
-
     # MR: DWI and ADC of the same subject (and lesion), on their own EPI grid.
     if not ct:
         rd = rng["dwi"]
@@ -650,8 +639,39 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
         b0 = acqm.reconstruct(sb0 * lvl / wm_b0, sig, dacq, rd, 0.0)
         dwi = acqm.reconstruct(sdw * lvl / wm_b0, sig / np.sqrt(3.0), dacq, rd, 0.0)
         adc = acqm.adc_map(b0, dwi, B_VALUE, threshold=max(5.0 * sig, 0.15 * lvl))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            adc_true = np.nan_to_num(np.log(np.maximum(sb0, 1e-9) / np.maximum(sdw, 1e-9)) / B_VALUE * 1e6, nan=0.0)
         images["dwi"] = dref.with_array(np.clip(np.round(dwi), 0, 32767).astype(np.int16))
         images["adc"] = dref.with_array(np.round(adc).astype(np.int16))
+
+    # Truth on the series grid.
+    tissue_truth = (tissue_f >= 0.5) & (vessel < 0.2)
+    tmax_true = np.where(tissue_vox, delay + residue_peak_time(mtt, beta), 0.0).astype(np.float32)
+    ttp_true = np.zeros(ref.array.shape, np.float32)
+    ttp_true.ravel()[idx] = delay.ravel()[idx] + table.peak_after_delay(mtt.ravel()[idx], bidx)
+    # The core is the lesion as the decision rule sees it on the noise-free truth: CT, true CBF
+    # below 30% of the healthy-hemisphere mean; MR, true ADC below 620 x 10^-6 mm^2/s (partial
+    # volume with CSF lifts the ADC of lesion voxels next to sulci and ventricles).
+    if ct:
+        left = hemispheres(ref.array.shape, ref.index_to_physical, tissue_truth)
+        side = ~left if (group is None or group[1] == "L") else left
+        ref_cbf = float(np.mean(cbf_v[tissue_truth & side & (tmax_true <= 6.0)])) if np.any(tissue_truth & side) else healthy_mean
+        core_truth = core & (tissue_f >= 0.25) & (cbf_v < 0.3 * ref_cbf)
+    else:
+        core_truth = core & (tissue_f >= 0.25) & (adc_true < 620.0)
+    hypo_truth = (tissue_truth & (tmax_true > 6.0)) | core_truth
+    penumbra_truth = hypo_truth & ~core_truth
+    geom = ref
+    mk = lambda a, dtype=np.float32: geom.with_array(np.where(tissue_vox, a, 0).astype(dtype))  # noqa: E731
+    truth = {
+        "core": geom.with_array(core_truth.astype(np.uint8)),
+        "penumbra": geom.with_array(penumbra_truth.astype(np.uint8)),
+        "tissue": geom.with_array(tissue_truth.astype(np.uint8)),
+        "artery": geom.with_array((art_ok + art_aff).astype(np.float32)),  # blood fraction of each voxel
+        "vein": geom.with_array(vein.astype(np.float32)),
+        "cbf": mk(cbf_v), "cbv": mk(cbv_v), "mtt": mk(mtt), "tmax": mk(tmax_true), "ttp": mk(ttp_true),
+    }
+    voxel_ml = ref.voxel_volume_ml
 
     info: dict[str, Any] = {
         "case_id": f"{modality}-{seed:05d}" if split is None else f"{modality}-{split}-{seed:05d}",

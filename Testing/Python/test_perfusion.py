@@ -1,0 +1,513 @@
+"""Perfusion engine and perfusion phantoms: deconvolution, AIF, concentration, motion, decisions,
+bad input, DICOM (multi-temporal series and the Enhanced CT rCBF map of pydicom-data), outputs."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from strokeseg.errors import Cancelled, InputError, OutputError
+from strokeseg.image import Image
+from strokeseg.io import read_image, write_image
+from strokeseg.perfusion import (
+    OUTPUT_FILES,
+    PerfusionSettings,
+    Thresholds,
+    load_series,
+    read_perfusion_map,
+    run_perfusion,
+    write_perfusion,
+)
+from strokeseg.perfusion.concentration import bolus_timing, concentration_frame
+from strokeseg.perfusion.decision import decide, hemispheres
+from strokeseg.perfusion.deconvolution import KH, RHO, deconvolve
+from strokeseg.perfusion.masks import ct_masks
+from strokeseg.perfusion.motion import correct_motion, inplane_rigid
+from strokeseg.perfusion.series import validate_series
+from strokeseg.phantom.perfusion import gamma_variate, residue_peak_time, simulate_perfusion, write_perfusion_case
+
+SMALL = dict(size=(64, 64, 8), frames=40, dt=1.5, compute_maps=False, lesion=True)
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_ct(lesion_library):
+    return simulate_perfusion(3, "ctp", lesion_library, "test", motion=False, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def small_ct_result(small_ct):
+    return run_perfusion(small_ct.images["ctp"])
+
+
+def _synthetic_curves(dt: float, n: int, cases):
+    """Tissue curves C = rho/kH CBF (AIF (x) h_beta (x) exp(-t/MTT))(t - delay), fine grid then sampled."""
+    fine = 0.05
+    tf = np.arange(0.0, n * dt + 40.0, fine)
+    aif_f = 300.0 * gamma_variate(tf, 5.0, 3.0, 1.5)
+    out = []
+    for cbf, mtt, delay, beta in cases:
+        h = aif_f if beta == 0 else np.convolve(aif_f, np.exp(-tf / beta) / beta * fine)[: tf.size]
+        c = np.convolve(h, np.exp(-tf / mtt))[: tf.size] * fine * (RHO / KH) * cbf / 6000.0
+        out.append(np.interp(tf - delay, tf, c, left=0.0))
+    idx = np.round(np.arange(n) * dt / fine).astype(int)
+    return aif_f[idx], np.stack([c[idx] for c in out], axis=1).astype(np.float32)
+
+
+# -- deconvolution ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dt,n", [(1.0, 50), (2.0, 26)])
+def test_deconvolution_recovers_flow_volume_and_delay(dt, n):
+    cases = [(cbf, mtt, delay, 1.0) for cbf in (20.0, 50.0) for mtt in (4.0, 8.0) for delay in (0.0, 4.0, 8.0)]
+    aif, conc = _synthetic_curves(dt, n, cases)
+    rng = np.random.default_rng(0)
+    noisy = np.repeat(conc, 10, axis=1) + rng.normal(0, 0.2, (conc.shape[0], conc.shape[1] * 10)).astype(np.float32)
+    maps = deconvolve(noisy, aif, dt)
+    truth = np.repeat(np.array(cases), 10, axis=0)
+    cbv_true = truth[:, 0] * truth[:, 1] / 60.0
+    tmax_true = truth[:, 2] + residue_peak_time(truth[:, 1], truth[:, 3])
+    # CBV is an area ratio: unbiased.
+    assert np.median(np.abs(maps.cbv / cbv_true - 1)) < 0.05
+    # oSVD underestimates CBF (regularisation, dispersion) but by a similar factor everywhere...
+    ratio = maps.cbf / truth[:, 0]
+    assert 0.5 < np.median(ratio) < 1.05
+    # ...and delay-insensitively (block-circulant): the same tissue at 0, 4 and 8 s delay.
+    by_delay = [np.median(ratio[truth[:, 2] == d]) for d in (0.0, 4.0, 8.0)]
+    assert max(by_delay) - min(by_delay) < 0.06
+    # Tmax follows the delay to within a second.
+    assert np.median(np.abs(maps.tmax - tmax_true)) < 1.0
+    for d in (0.0, 4.0, 8.0):
+        sel = truth[:, 2] == d
+        assert abs(np.median(maps.tmax[sel] - tmax_true[sel])) < 1.0
+    # Central volume theorem.
+    assert np.allclose(maps.mtt, np.where(maps.cbf > 1e-3, maps.cbv / maps.cbf * 60.0, 0.0), rtol=1e-4, atol=1e-3)
+
+
+def test_deconvolution_ranks_flow():
+    cases = [(cbf, mtt, 2.0, 0.5) for cbf in (5.0, 10.0, 20.0, 40.0, 60.0) for mtt in (4.0, 12.0)]
+    aif, conc = _synthetic_curves(1.5, 40, cases)
+    maps = deconvolve(conc, aif, 1.5)
+    for mtt in (4.0, 12.0):
+        sel = np.array([c[1] == mtt for c in cases])
+        assert np.all(np.diff(maps.cbf[sel]) > 0)
+
+
+# -- concentration and timing ----------------------------------------------------------------------
+
+
+def test_concentration_ct_and_mr():
+    s0 = np.array([40.0, 35.0, 100.0], np.float32)
+    assert np.allclose(concentration_frame(np.array([140.0, 35.0, 90.0]), s0, "ct", 0.03), [100.0, 0.0, -10.0])
+    s0 = np.array([1000.0, 500.0, 0.0], np.float32)
+    frame = np.array([500.0, 500.0, 10.0], np.float32)
+    c = concentration_frame(frame, s0, "mr", 0.030)
+    assert np.isclose(c[0], np.log(2.0) / 0.030, rtol=1e-5)  # dR2* = -ln(S/S0)/TE
+    assert c[1] == 0.0
+    assert c[2] == 0.0  # no baseline signal: no concentration
+
+
+def test_bolus_timing_and_no_bolus():
+    t = np.arange(40) * 1.5
+    curve = 40.0 + 8.0 * gamma_variate(t, 9.0, 3.0, 1.5) + np.random.default_rng(1).normal(0, 0.05, t.size)
+    timing = bolus_timing(curve, "ct")
+    assert 5 <= timing.arrival <= 7  # arrival at 9 s = frame 6
+    assert timing.baseline.stop == timing.arrival - 1
+    drop = 1000.0 * (1.0 - 0.2 * gamma_variate(t, 9.0, 3.0, 1.5))
+    assert 5 <= bolus_timing(drop, "mr").arrival <= 7
+    with pytest.raises(InputError, match="no bolus found"):
+        bolus_timing(40.0 + np.random.default_rng(2).normal(0, 0.3, 40), "ct", "x.nii.gz")
+    with pytest.raises(InputError, match="no pre-contrast baseline"):
+        bolus_timing(40.0 + 8.0 * gamma_variate(t, -1.0, 3.0, 1.5), "ct")
+
+
+# -- motion ----------------------------------------------------------------------------------------
+
+
+def _shifted(series: Image, frames: slice, angle: float, shift_mm) -> Image:
+    """Move the head by a known in-plane rigid motion in some frames."""
+    arr = series.array.astype(np.float32).copy()
+    ref = series.frame(0)
+    centre = (np.asarray(ref.size[:2]) - 1) / 2.0 * np.asarray(ref.spacing[:2])
+    tx = inplane_rigid(angle, shift_mm, centre, ref).GetInverse()
+    for k in range(series.array.shape[0])[frames]:
+        img = Image(arr[k], ref.spacing, ref.origin, ref.direction).to_sitk()
+        arr[k] = sitk.GetArrayFromImage(sitk.Resample(img, img, tx, sitk.sitkLinear, -1000.0, sitk.sitkFloat32))
+    return series.with_array(arr)
+
+
+def test_motion_correction_recovers_a_known_shift(small_ct):
+    series = small_ct.images["ctp"]
+    moved = _shifted(series, slice(20, None), 0.0, (4.0, -3.0))
+    head = ct_masks(series.array[0].astype(np.float32), series.spacing).head
+    res = correct_motion(moved, clip=(150.0, 1300.0), head_mask=head)
+    assert res.mode == "in-plane"
+    assert max(res.displacement_mm[:20]) < 0.5
+    # A pure translation moves every point by 5 mm.
+    assert np.all(np.abs(np.array(res.displacement_mm[20:]) - 5.0) < 0.6)
+    offsets = np.array(res.matrices[25])[9:]
+    d = series.direction_matrix
+    assert np.allclose(d.T @ offsets, [4.0, -3.0, 0.0], atol=0.6)
+    brain = head & (series.array[0] > 0) & (series.array[0] < 100)
+    before = np.abs(moved.array[25] - series.array[25])[brain].mean()
+    after = np.abs(res.series.array[25] - series.array[25])[brain].mean()
+    assert after < 0.5 * before
+
+
+def test_motion_beyond_correction_is_refused(small_ct):
+    moved = _shifted(small_ct.images["ctp"], slice(20, None), 0.0, (5.0, 0.0))
+    with pytest.raises(InputError, match="motion beyond correction"):
+        run_perfusion(moved, settings=PerfusionSettings(max_motion_mm=2.0))
+
+
+# -- arterial input and the whole pipeline ----------------------------------------------------------
+
+
+def test_aif_lands_in_an_artery(small_ct, small_ct_result):
+    art = small_ct.truth["artery"]
+    pts = np.asarray(small_ct_result.report["arterial_input"]["voxels_lps_mm"], float)
+    idx = np.round(art.physical_to_index(pts)).astype(int)
+    blood = np.array([art.array[z, y, x] for x, y, z in idx])
+    assert np.mean(blood >= 0.1) >= 0.5  # most chosen voxels hold >= 10% arterial blood
+    aif = np.asarray(small_ct_result.report["arterial_input"]["curve"])
+    vof = np.asarray(small_ct_result.report["arterial_input"]["venous_curve"])
+    assert np.argmax(aif) < np.argmax(vof)  # arteries peak before the veins
+    assert small_ct_result.report["arterial_input"]["partial_volume_scale"] >= 1.0
+
+
+def test_pipeline_outputs_on_a_small_ct_phantom(small_ct, small_ct_result):
+    res = small_ct_result
+    ref = small_ct.images["ctp"].frame(0)
+    assert set(res.maps) == {"cbf", "cbv", "mtt", "tmax", "ttp"}
+    for img in [*res.maps.values(), res.core, res.penumbra]:
+        assert img.same_grid(ref)
+    assert res.core.array.dtype == np.uint8 and not np.any(res.core.array & res.penumbra.array)
+    rep = json.loads(json.dumps(res.report))
+    assert rep["research_use_only"] and rep["defuse3_style"]["research_use_only"]
+    assert rep["input"]["kind"] == "ct"
+    assert rep["mismatch_ml"] == pytest.approx(max(rep["hypoperfusion_ml"] - rep["core_ml"], 0), abs=0.02)
+    # Delayed tissue has long Tmax, healthy tissue short: the maps see the ischaemic territory.
+    tissue = (small_ct.truth["tissue"].array > 0) & (res.tissue.array > 0)
+    hypo = tissue & (small_ct.truth["penumbra"].array + small_ct.truth["core"].array > 0)
+    healthy = tissue & (small_ct.truth["tmax"].array < 4)
+    assert np.median(res.maps["tmax"].array[hypo]) > np.median(res.maps["tmax"].array[healthy]) + 4
+    assert res.report["hypoperfusion_ml"] > 0.5 * small_ct.info["hypoperfusion_ml"]
+
+
+def test_progress_and_cancel(small_ct):
+    seen = []
+    cancel = threading.Event()
+
+    def progress(f, msg):
+        seen.append(f)
+        if f > 0.4:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        run_perfusion(small_ct.images["ctp"], progress=progress, cancel=cancel,
+                      settings=PerfusionSettings(motion_correction=False))
+    assert seen and all(b >= a for a, b in zip(seen, seen[1:]))
+
+
+def test_mr_pipeline_uses_adc_and_echo_time(lesion_library):
+    case = simulate_perfusion(4, "pwi", lesion_library, "test", motion=False, **SMALL)
+    assert {"pwi", "adc", "dwi"} <= set(case.images)
+    series = case.images["pwi"]
+    assert series.meta["echo_time_ms"] == pytest.approx(case.info["acquisition"]["te_ms"], abs=0.01)
+    res = run_perfusion(series, adc=case.images["adc"])
+    assert res.report["input"]["kind"] == "mr"
+    assert res.report["input"]["echo_time_ms"] == pytest.approx(series.meta["echo_time_ms"], abs=0.01)
+    assert res.report["core_method"].startswith("ADC")
+    assert res.report["core_ml"] == pytest.approx(case.info["core_ml"], abs=max(5.0, 0.5 * case.info["core_ml"]))
+
+
+# -- decisions -------------------------------------------------------------------------------------
+
+
+def test_decision_volumes_on_synthetic_maps():
+    shape = (4, 40, 40)
+    tissue = np.ones(shape, bool)
+    geom = Image(np.zeros(shape, np.uint8), (2.0, 2.0, 5.0))  # 0.02 mL voxels
+    left = hemispheres(shape, geom.index_to_physical, tissue)
+    assert left[:, :, 30].all() and not left[:, :, 5].any()  # LPS: +x is the patient's left
+    cbf = np.full(shape, 50.0, np.float32)
+    tmax = np.full(shape, 1.0, np.float32)
+    tmax[:, 5:35, 22:38] = 8.0  # hypoperfused, left hemisphere: 4 x 30 x 16 = 1920 voxels
+    tmax[:, 10:20, 25:35] = 12.0  # severe: 400 voxels
+    cbf[:, 10:20, 25:35] = 10.0  # core: rCBF 0.2 -> 400 voxels = 8 mL
+    cbf[0, 0, 0] = 5.0  # a lone low-flow voxel in healthy tissue: not core
+    core, hypo, pen, rep = decide(cbf, tmax, tissue, left, 0.02, kind="ct")
+    assert rep["healthy_hemisphere"] == "right"
+    assert rep["core_ml"] == pytest.approx(8.0)
+    assert rep["hypoperfusion_ml"] == pytest.approx(38.4)
+    assert rep["penumbra_ml"] == pytest.approx(30.4)
+    assert rep["mismatch_ml"] == pytest.approx(30.4)
+    assert rep["mismatch_ratio"] == pytest.approx(4.8)
+    assert rep["hir"] == pytest.approx(8.0 / 38.4, abs=1e-3)
+    assert rep["defuse3_style"]["target_mismatch_profile"] and rep["defuse3_style"]["research_use_only"]
+    assert not core[0, 0, 0] and not np.any(core & pen)
+    # Every threshold is a setting: a 15% core threshold drops the 20% core.
+    _, _, _, rep2 = decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=Thresholds(core_rcbf=0.15))
+    assert rep2["core_ml"] == 0.0 and rep2["mismatch_ratio"] is None
+    # MR: the core comes from the ADC.
+    adc = np.full(shape, 800.0, np.float32)
+    adc[:, 12:16, 26:30] = 500.0
+    _, _, _, rep3 = decide(cbf, tmax, tissue, left, 0.02, kind="mr", adc=adc)
+    assert rep3["core_ml"] == pytest.approx(4 * 16 * 0.02) and rep3["core_method"].startswith("ADC")
+    with pytest.raises(ValueError):
+        decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=Thresholds(tmax_hypo_s=-1))
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+def test_3d_given_as_4d_and_short_series(small_ct):
+    series = small_ct.images["ctp"]
+    with pytest.raises(InputError, match="3D volume where a 4D"):
+        validate_series(series.frame(0), "vol.nii.gz")
+    one = series.with_array(series.array[:1])
+    one.meta["times"] = [0.0]
+    with pytest.raises(InputError, match="3D volume where a 4D"):
+        run_perfusion(one)
+    short = Image(series.array[:8], series.spacing, series.origin, series.direction, {"times": list(np.arange(8) * 1.5)})
+    with pytest.raises(InputError, match="series too short"):
+        run_perfusion(short)
+
+
+def test_missing_and_non_monotonic_times(small_ct, tmp_path):
+    import nibabel as nib
+
+    series = small_ct.images["ctp"]
+    arr = np.transpose(series.array, (3, 2, 1, 0))  # (x, y, z, t) for NIfTI
+    img = nib.Nifti1Image(arr, np.diag([*series.spacing, 1.0]))
+    img.header["pixdim"][4] = 0.0  # no frame interval in the header
+    path = tmp_path / "ctp.nii.gz"
+    nib.save(img, str(path))
+    with pytest.raises(InputError, match="frame times are missing"):
+        load_series(path)
+    assert load_series(path, dt=1.5).meta["times"][3] == pytest.approx(4.5)
+    bad = series.with_array(series.array)
+    bad.meta["times"] = [0.0, 1.5, 3.0, 3.0] + [4.5 + 1.5 * k for k in range(series.array.shape[0] - 4)]
+    with pytest.raises(InputError, match="not strictly increasing"):
+        run_perfusion(bad)
+    with pytest.raises(InputError, match="implausible frame interval"):
+        load_series(path, dt=1500.0)
+
+
+def test_no_bolus_and_saturation(small_ct):
+    series = small_ct.images["ctp"]
+    rng = np.random.default_rng(5)
+    flat = np.repeat(series.array[:1].astype(np.float32), series.array.shape[0], axis=0)
+    flat += rng.normal(0, 3, flat.shape).astype(np.float32)
+    with pytest.raises(InputError, match="no bolus found"):
+        run_perfusion(series.with_array(flat), settings=PerfusionSettings(motion_correction=False))
+    clipped = series.with_array(np.minimum(series.array, 150))  # exported through a narrow window
+    with pytest.raises(InputError, match="saturated"):
+        run_perfusion(clipped, settings=PerfusionSettings(motion_correction=False))
+
+
+def test_arterial_input_outside_the_brain(small_ct, small_ct_result):
+    series = small_ct.images["ctp"]
+    corner = tuple(series.index_to_physical(np.array([[1.0, 1.0, 3.0]]))[0])  # air
+    with pytest.raises(InputError, match="outside the brain"):
+        run_perfusion(series, aif_point=corner, settings=PerfusionSettings(motion_correction=False))
+    far = tuple(series.index_to_physical(np.array([[-50.0, 10.0, 3.0]]))[0])
+    with pytest.raises(InputError, match="outside the image"):
+        run_perfusion(series, aif_point=far, settings=PerfusionSettings(motion_correction=False))
+    mask = series.frame(0).with_array(np.zeros(series.array.shape[1:], np.uint8))
+    mask.array[:, :2, :2] = 1
+    with pytest.raises(InputError, match="mask lies outside the brain"):
+        run_perfusion(series, aif_mask=mask, settings=PerfusionSettings(motion_correction=False))
+    # A point on the chosen artery works and is reported as the user's.
+    p = tuple(small_ct_result.report["arterial_input"]["voxels_lps_mm"][0])
+    res = run_perfusion(series, aif_point=p, settings=PerfusionSettings(motion_correction=False))
+    assert res.report["arterial_input"]["source"] == "point"
+
+
+def test_cli_bad_input_leaves_no_output(tmp_path):
+    from strokeseg.cli import build_parser
+    from strokeseg.perfusion.cli import add_perfusion_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    if "perfusion" not in sub.choices:
+        add_perfusion_parser(sub)
+    vol = tmp_path / "vol.nii.gz"
+    write_image(Image(np.random.default_rng(0).normal(40, 5, (4, 16, 16)).astype(np.float32), (1.0, 1.0, 5.0)), vol)
+    args = parser.parse_args(["perfusion", str(vol), "--out", str(tmp_path / "out"), "-q"])
+    with pytest.raises(InputError, match="vol.nii.gz: 3D volume"):
+        args.func(args)
+    assert not (tmp_path / "out").exists()
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+
+
+def test_write_perfusion_is_all_or_nothing(small_ct_result, tmp_path, monkeypatch):
+    out = tmp_path / "result"
+    write_perfusion(small_ct_result, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["core_ml"] == small_ct_result.report["core_ml"]
+    tmax = read_image(out / "tmax.nii.gz")
+    assert tmax.same_grid(small_ct_result.maps["tmax"]) and np.allclose(tmax.array, small_ct_result.maps["tmax"].array)
+
+    import strokeseg.perfusion.pipeline as pp
+
+    calls = {"n": 0}
+    real = pp.write_image
+
+    def failing(img, path, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OutputError(f"{path}: disk full")
+        return real(img, path, **kw)
+
+    monkeypatch.setattr(pp, "write_image", failing)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OutputError):
+        write_perfusion(small_ct_result, fresh)
+    assert not fresh.exists()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    calls["n"] = 0
+    with pytest.raises(OutputError):
+        write_perfusion(small_ct_result, out)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the old result is intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def test_nifti_series_round_trip(small_ct, tmp_path):
+    path = write_image(small_ct.images["ctp"], tmp_path / "ctp.nii.gz")
+    series = load_series(path)
+    assert series.array.shape == small_ct.images["ctp"].array.shape
+    assert np.allclose(series.meta["times"], small_ct.images["ctp"].meta["times"])
+    assert series.same_grid(small_ct.images["ctp"])
+
+
+# -- DICOM -----------------------------------------------------------------------------------------
+
+
+def _write_dicom_series(folder: Path, vol: np.ndarray, times: np.ndarray, slice_offsets: np.ndarray,
+                        with_times: bool = True) -> None:
+    """Classic single-frame CT files: one per (time, slice), per-slice acquisition times."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    series_uid, study_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    n_t, n_z, ny, nx = vol.shape
+    k = 0
+    for t in range(n_t):
+        for z in range(n_z):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CTImageStorage
+            meta.MediaStorageSOPInstanceUID = generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+            ds.Modality = "CT"
+            ds.InstanceNumber = k + 1
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.ImagePositionPatient = [-20.0, -30.0, 10.0 + 5.0 * z]
+            ds.PixelSpacing = [1.5, 1.25]  # row spacing (y), column spacing (x)
+            ds.SliceThickness = 5.0
+            ds.Rows, ds.Columns = ny, nx
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+            ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+            if with_times:
+                sec = 3600 * 10 + 60 * 30 + times[t] + slice_offsets[z]
+                ds.AcquisitionTime = f"{int(sec // 3600):02d}{int(sec % 3600 // 60):02d}{sec % 60:09.6f}"
+            ds.PixelData = (vol[t, z] + 1024).astype(np.int16).tobytes()
+            ds.save_as(folder / f"IM{k:04d}.dcm", enforce_file_format=True)
+            k += 1
+
+
+def test_dicom_multitemporal_series(tmp_path):
+    rng = np.random.default_rng(3)
+    times = np.concatenate([np.arange(0, 20, 1.0), 20 + np.arange(10) * 2.0])  # irregular: 1 s then 2 s
+    vol = rng.integers(0, 80, (times.size, 3, 6, 5)).astype(np.int16)
+    vol[:, 1, 2, 3] = np.arange(times.size)  # a marker that tells frames apart
+    offsets = np.array([0.0, 0.4, 0.2])  # interleaved slice acquisition within each volume
+    order = rng.permutation(times.size * 3)
+    folder = tmp_path / "dyn"
+    _write_dicom_series(folder, vol, times, offsets)
+    # Shuffle file names: the order must come from the headers.
+    files = sorted(folder.iterdir())
+    for i, j in enumerate(order):
+        files[j].rename(folder / f"x{i:04d}.dcm")
+    series = load_series(folder)
+    assert series.array.shape == vol.shape
+    assert np.allclose(series.array, vol.astype(np.float32) - 0)  # rescale applied: stored + 1024 - 1024
+    assert np.allclose(series.array[:, 1, 2, 3], np.arange(times.size))
+    assert np.allclose(series.meta["times"], times, atol=1e-3)  # mean over slices, relative to the first frame
+    assert series.spacing == pytest.approx((1.25, 1.5, 5.0))
+    assert series.origin == pytest.approx((-20.0, -30.0, 10.0))
+    assert series.meta["dicom_modality"] == "CT"
+    plain = tmp_path / "notimes"
+    _write_dicom_series(plain, vol[:, :, :, :], times, offsets, with_times=False)
+    with pytest.raises(InputError, match="frame times are missing"):
+        load_series(plain)
+    assert load_series(plain, dt=1.0).array.shape == vol.shape  # instance numbers order the frames
+
+
+def test_enhanced_ct_rcbf_map_geometry_and_units():
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    m = read_perfusion_map(path)
+    assert m.array.shape == (2, 512, 512)
+    assert m.spacing == pytest.approx((0.388672, 0.388672, 10.0))
+    # Same voxels in space as SimpleITK's reading of the file (frames at z = -159 and -149 mm).
+    ref = read_image(path)
+    corners = np.array([[0, 0, 0], [511, 511, 1], [100, 200, 0]], float)
+    pts = m.index_to_physical(corners)
+    back = ref.physical_to_index(pts)
+    assert np.allclose(np.round(back), back, atol=1e-4)
+    for (x, y, z), (i, j, k) in zip(corners.astype(int), np.round(back).astype(int)):
+        raw_m = m.array[z, y, x]
+        raw_r = ref.array[k, j, i]
+        assert raw_m == pytest.approx(max(raw_r, 0) * m.meta["unit_factor"], rel=1e-5, abs=1e-4)
+    assert sorted(round(p[2], 3) for p in m.index_to_physical(np.array([[0, 0, 0], [0, 0, 1]], float))) == [-159.0, -149.0]
+    # Units: the Real World Value Mapping says ml/100ml/s; brain values ~37 only make sense per
+    # minute, which the reader notes, and converts to mL/100 g/min (brain density 1.04 g/mL).
+    assert m.meta["map"] == "cbf" and m.meta["units"] == "mL/100g/min"
+    assert m.meta["source_units"] == "ml/100ml/s" and "units_note" in m.meta
+    brain = m.array[m.array > 0]
+    assert 20 < np.median(brain) < 80
+    assert m.meta["unit_factor"] == pytest.approx(1 / 1.04)
+
+
+# -- phantoms --------------------------------------------------------------------------------------
+
+
+def test_phantom_is_deterministic_and_written(lesion_library, tmp_path):
+    a = simulate_perfusion(8, "ctp", lesion_library, "val", motion=True, **{**SMALL, "compute_maps": True})
+    b = simulate_perfusion(8, "ctp", lesion_library, "val", motion=True, **{**SMALL, "compute_maps": True})
+    c = simulate_perfusion(9, "ctp", lesion_library, "val", **SMALL)
+    assert np.array_equal(a.images["ctp"].array, b.images["ctp"].array)
+    assert np.array_equal(a.truth["tmax"].array, b.truth["tmax"].array)
+    assert a.info == b.info
+    assert not np.array_equal(a.images["ctp"].array, c.images["ctp"].array)
+    ct = a.images["ctp"].array
+    assert ct.dtype == np.int16 and ct.min() >= -1024
+    tissue = a.truth["tissue"].array > 0
+    assert 25 <= np.median(ct[0][tissue]) <= 50  # parenchyma 25-50 HU before contrast
+    folder = write_perfusion_case(a, tmp_path)
+    names = {p.name for p in folder.iterdir()}
+    assert {"ctp.nii.gz", "core.nii.gz", "penumbra.nii.gz", "lesion.nii.gz", "case.json",
+            "cbf.nii.gz", "tmax.nii.gz", "true_cbf.nii.gz", "true_tmax.nii.gz"} <= names
+    info = json.loads((folder / "case.json").read_text())
+    assert info["core_ml"] == a.info["core_ml"] and "computed" in info
+    series = load_series(folder / "ctp.nii.gz")
+    assert np.allclose(series.meta["times"], a.images["ctp"].meta["times"])

@@ -1,0 +1,112 @@
+"""End-to-end DWI segmentation benchmark (issue target: clinical grid, 2-core CPU).
+
+Case: a phantom DWI + b0 (ADC computed) on 256x256x30 at 0.9x0.9x5 mm. Prints and records:
+- cold `strokeseg segment` wall time and peak RSS of the whole process (median of N runs);
+- warm in-process `segment_case` wall time, split into read / preprocess / inference / postprocess;
+- the ratio of the warm pipeline to a bare forward pass of the same network on the same input
+  (pipeline overhead), measured in the same process.
+
+    python benchmarks/bench_segment.py [--runs 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from strokeseg.io import write_image
+from strokeseg.models import choose_model
+from strokeseg.modality import find_case_inputs, load_inputs
+from strokeseg.phantom import simulate_dwi
+from strokeseg.pipeline import _networks, segment_case
+from strokeseg.preprocess import prepare
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_case(root: Path) -> Path:
+    case = simulate_dwi(4242, lesion_library=None, spacing=(0.9, 0.9, 5.0), size=(256, 256, 30))
+    folder = root / "clinical"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_image(case.images["dwi"], folder / "dwi.nii.gz")
+    write_image(case.images["b0"], folder / "b0.nii.gz")
+    return folder
+
+
+def cold_run(case: Path, out: Path, device: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one `strokeseg segment` process."""
+    code = ("import resource,sys,time;t=time.perf_counter();from strokeseg.cli import main;"
+            f"rc=main(['segment',{str(case)!r},'--out',{str(out)!r},'--device',{device!r},'-q']);"
+            "print('WALL',time.perf_counter()-t);"
+            "print('RSS',resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024);sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    vals = {ln.split()[0]: float(ln.split()[1]) for ln in p.stdout.splitlines() if ln.startswith(("WALL", "RSS"))}
+    return vals["WALL"], vals["RSS"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        case = make_case(tmp)
+        cold = [cold_run(case, tmp / f"cold{i}", args.device) for i in range(args.runs)]
+
+        segment_case(case, tmp / "warmup", device=args.device)  # loads the model once
+        warm, parts = [], []
+        for i in range(args.runs):
+            t = time.perf_counter()
+            res = segment_case(case, tmp / f"warm{i}", device=args.device)
+            warm.append(time.perf_counter() - t)
+            parts.append(res.timings)
+
+        images = load_inputs(find_case_inputs(case))
+        card = choose_model(images)
+        prepared = prepare(images, card)
+        net = _networks(card, args.device)[0]
+        x = torch.from_numpy(prepared.array)[None].to(args.device)
+        bare = []
+        with torch.inference_mode():
+            net(x)
+            for _ in range(args.runs):
+                t = time.perf_counter()
+                net(x)
+                bare.append(time.perf_counter() - t)
+
+    med = statistics.median
+    result = {
+        "case": "phantom DWI + b0, 256x256x30 at 0.9x0.9x5 mm (ADC computed)",
+        "model": f"{card.id} {card.version}",
+        "model_grid": list(prepared.model_grid.size),
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "runs": args.runs,
+        "cold_cli_wall_s_median": round(med(w for w, _ in cold), 3),
+        "cold_cli_peak_rss_mb_max": round(max(r for _, r in cold), 1),
+        "warm_segment_case_s_median": round(med(warm), 3),
+        "warm_parts_s_median": {k: round(med(p[k] for p in parts), 3) for k in parts[0]},
+        "bare_forward_s_median": round(med(bare), 3),
+        "pipeline_over_bare_forward": round(med(warm) / med(bare), 2),
+        "targets": {"cold_cli_wall_s": 5.0, "peak_rss_mb": 2048},
+        "load_average_at_end": [round(v, 2) for v in __import__("os").getloadavg()],
+    }
+    print(json.dumps(result, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"segment_{args.device}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Accuracy of the perfusion pipeline on held-out perfusion phantoms (issue 4 targets).
+
+For each simulated CTP / DSC-PWI case (test split of the lesion library, seeds not used for
+anything else) the series goes through ``run_perfusion`` exactly as a user's would, and the
+outputs are compared with the simulation's truth:
+
+* Tmax: median absolute error over the brain (parenchyma in both the truth and the computed
+  tissue mask); target <= 1 s.
+* relative CBF: Spearman rank correlation between computed and true CBF over the same voxels
+  (rank correlation: identical for CBF and CBF / healthy mean); target >= 0.9.
+* volumes: core and hypoperfusion (Tmax > 6 s, core included) within 15% or 5 mL of the truth;
+  target: in >= 80% of cases each.
+* arterial input: whether the chosen voxels lie in a simulated artery.
+
+    python benchmarks/perfusion_accuracy.py [--count 12] [--modality ctp pwi] [--lesion-library DIR]
+
+Prints a table and writes benchmarks/results/perfusion_accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+import strokeseg
+from strokeseg.perfusion import PerfusionSettings, run_perfusion
+from strokeseg.phantom.perfusion import simulate_perfusion
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_LIBRARY = HERE.parent.parent / "shared" / "data" / "soop" / "lesions"
+TARGETS = {"tmax_mae_s": 1.0, "spearman_rcbf": 0.9, "volume_rel": 0.15, "volume_abs_ml": 5.0, "fraction_within": 0.8}
+
+
+def within(pred: float, true: float) -> bool:
+    return abs(pred - true) <= max(TARGETS["volume_abs_ml"], TARGETS["volume_rel"] * true)
+
+
+def evaluate(case, result) -> dict:
+    """Per-case metrics of a run_perfusion result against a PerfusionCase's truth."""
+    truth = case.truth
+    brain = (truth["tissue"].array > 0) & (result.tissue.array > 0)
+    err = np.abs(result.maps["tmax"].array[brain] - truth["tmax"].array[brain])
+    rho = float(spearmanr(result.maps["cbf"].array[brain], truth["cbf"].array[brain])[0]) if brain.sum() > 10 else float("nan")
+    vox = case.lesion.voxel_volume_ml
+    core_t = float(truth["core"].array.sum()) * vox
+    hypo_t = float((truth["core"].array + truth["penumbra"].array > 0).sum()) * vox
+    core_p = result.report["core_ml"]
+    hypo_p = result.report["hypoperfusion_ml"]
+    aif = result.report["arterial_input"]["voxels_lps_mm"]
+    art = truth["artery"]
+    idx = np.round(art.physical_to_index(np.asarray(aif, float))).astype(int)
+    in_artery = [bool(art.array[z, y, x] >= 0.1) for x, y, z in idx]  # >= 10% arterial blood
+    return {
+        "case": case.case_id,
+        "tmax_mae_s": round(float(np.median(err)), 3),
+        "spearman_rcbf": round(rho, 4),
+        "core_true_ml": round(core_t, 2), "core_ml": round(core_p, 2), "core_within": within(core_p, core_t),
+        "hypo_true_ml": round(hypo_t, 2), "hypo_ml": round(hypo_p, 2), "hypo_within": within(hypo_p, hypo_t),
+        "aif_in_artery_fraction": round(float(np.mean(in_artery)), 3),
+        "motion_events": len(case.info.get("motion", [])),
+        "grid": list(case.images[case.info["modality"]].array.shape),
+        "run_s": round(result.report["timings"]["total_s"], 2),
+    }
+
+
+def summarise(rows: list[dict]) -> dict:
+    tm = np.array([r["tmax_mae_s"] for r in rows])
+    rho = np.array([r["spearman_rcbf"] for r in rows])
+    core = np.mean([r["core_within"] for r in rows])
+    hypo = np.mean([r["hypo_within"] for r in rows])
+    out = {
+        "cases": len(rows),
+        "tmax_mae_s_median": round(float(np.median(tm)), 3),
+        "tmax_mae_s_max": round(float(np.max(tm)), 3),
+        "spearman_rcbf_median": round(float(np.median(rho)), 4),
+        "spearman_rcbf_min": round(float(np.min(rho)), 4),
+        "core_within_fraction": round(float(core), 3),
+        "hypo_within_fraction": round(float(hypo), 3),
+        "aif_in_artery_fraction": round(float(np.mean([r["aif_in_artery_fraction"] for r in rows])), 3),
+    }
+    out["targets_met"] = {
+        "tmax": out["tmax_mae_s_median"] <= TARGETS["tmax_mae_s"],
+        "rcbf": out["spearman_rcbf_median"] >= TARGETS["spearman_rcbf"],
+        "core": out["core_within_fraction"] >= TARGETS["fraction_within"],
+        "hypoperfusion": out["hypo_within_fraction"] >= TARGETS["fraction_within"],
+    }
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=12, help="cases per modality")
+    ap.add_argument("--modality", nargs="+", default=["ctp", "pwi"], choices=["ctp", "pwi"])
+    ap.add_argument("--seed", type=int, default=5000, help="first seed (held out: not used by tests or training)")
+    ap.add_argument("--lesion-library", default=str(DEFAULT_LIBRARY) if DEFAULT_LIBRARY.is_dir() else None)
+    ap.add_argument("--oi", type=float, default=None, help="oscillation index threshold (default: the engine's)")
+    ap.add_argument("--smooth-mm", type=float, default=None, help="in-plane smoothing sigma (default: the engine's)")
+    ap.add_argument("--out", default=str(HERE / "results" / "perfusion_accuracy.json"))
+    args = ap.parse_args(argv)
+    settings = PerfusionSettings(oi=args.oi, smooth_mm=args.smooth_mm)
+
+    results: dict = {"engine_version": strokeseg.__version__, "targets": TARGETS, "split": "test",
+                     "lesion_library": args.lesion_library, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+                     "date": time.strftime("%Y-%m-%d %H:%M"), "settings": {"oi": args.oi, "smooth_mm": args.smooth_mm},
+                     "modalities": {}}
+    for modality in args.modality:
+        rows = []
+        for k in range(args.count):
+            t0 = time.perf_counter()
+            case = simulate_perfusion(args.seed + k, modality, args.lesion_library, "test", compute_maps=False)
+            gen_s = time.perf_counter() - t0
+            res = run_perfusion(case.images[modality], adc=case.images.get("adc"), settings=settings)
+            row = evaluate(case, res)
+            row["generate_s"] = round(gen_s, 2)
+            rows.append(row)
+            print(f"{modality} {row['case']}: Tmax MAE {row['tmax_mae_s']:.2f} s, rho {row['spearman_rcbf']:.3f}, "
+                  f"core {row['core_ml']:.1f}/{row['core_true_ml']:.1f} mL, Tmax>6 {row['hypo_ml']:.1f}/{row['hypo_true_ml']:.1f} mL, "
+                  f"AIF in artery {row['aif_in_artery_fraction']:.2f}, gen {gen_s:.1f} s, run {row['run_s']:.1f} s", flush=True)
+        summary = summarise(rows)
+        results["modalities"][modality] = {"summary": summary, "cases": rows}
+        print(f"{modality}: {json.dumps(summary)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
