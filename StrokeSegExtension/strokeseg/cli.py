@@ -50,8 +50,13 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     library = args.lesion_library
     if library is not None and not Path(library).is_dir():
         raise StrokeSegError(f"{library}: lesion library folder not found")
-    paths = generate_cases(args.modality, args.seed, args.out, count=args.count, lesion_library=library,
-                           split=args.split, progress=not args.quiet)
+    if args.count < 1:
+        raise StrokeSegError(f"--count must be at least 1, got {args.count}")
+    try:
+        paths = generate_cases(args.modality, args.seed, args.out, count=args.count, lesion_library=library,
+                               split=args.split, progress=not args.quiet)
+    except ValueError as exc:  # e.g. a modality whose phantoms are not available yet
+        raise StrokeSegError(f"phantom --modality {args.modality}: {exc}") from None
     for p in paths:
         print(p)
     return 0

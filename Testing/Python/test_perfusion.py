@@ -397,7 +397,6 @@ def test_nifti_series_round_trip(small_ct, tmp_path):
 def _write_dicom_series(folder: Path, vol: np.ndarray, times: np.ndarray, slice_offsets: np.ndarray,
                         with_times: bool = True) -> None:
     """Classic single-frame CT files: one per (time, slice), per-slice acquisition times."""
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 

@@ -319,3 +319,24 @@ def test_batch_ctrl_c_keeps_finished_cases_and_no_partial_files(phantom, tmp_pat
         if c.is_dir():  # every case folder is complete: all three outputs or nothing
             assert sorted(f.name for f in c.iterdir()) == ["lesion.nii.gz", "probability.nii.gz", "report.json"]
     assert no_temp_files(out)
+
+
+def test_cli_phantom_writes_deterministic_case_folders(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["phantom", "--modality", "dwi", "--seed", "5", "--out", str(a), "--count", "2", "-q"]) == 0
+    assert main(["phantom", "--modality", "dwi", "--seed", "6", "--out", str(b), "-q"]) == 0
+    cases = sorted(p.name for p in a.iterdir())
+    assert cases == ["dwi-00005", "dwi-00006"]
+    for name in ("dwi.nii.gz", "b0.nii.gz", "adc.nii.gz", "lesion.nii.gz", "case.json"):
+        assert (a / "dwi-00006" / name).is_file()
+    info = json.loads((a / "dwi-00006" / "case.json").read_text())
+    assert info["seed"] == 6
+    # case k of a batch is the same patient as a single case with seed + k
+    np.testing.assert_array_equal(read_image(a / "dwi-00006" / "dwi.nii.gz").array,
+                                  read_image(b / "dwi-00006" / "dwi.nii.gz").array)
+
+
+def test_cli_phantom_unavailable_modality_is_a_clear_error(tmp_path, capsys):
+    assert main(["phantom", "--modality", "t1", "--seed", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "t1" in err[0]

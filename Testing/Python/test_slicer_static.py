@@ -319,3 +319,44 @@ def test_module_loads_before_its_dependencies_are_installed():
                 needed.setdefault(top, path.name)
     assert MODULE_DIR / "StrokeSegLib" / "parameters.py" in seen
     assert not needed, f"imported at module load time but not shipped with Slicer: {needed}"
+
+
+def test_dependency_checks(tmp_path):
+    import importlib.metadata
+
+    from StrokeSegLib import dependencies
+
+    numpy_version = importlib.metadata.version("numpy")
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("# comment\nscipy>=1.0  # installed and new enough\nnumpy<1.0\nstrokeseg-no-such-package>=1\n"
+                    "pydicom>=2; python_version < '3'\n")
+    missing = {m.requirement: m.installed for m in dependencies.missing_requirements(reqs)}
+    assert missing == {"numpy<1.0": numpy_version, "strokeseg-no-such-package>=1": None}
+    assert dependencies.protected_in(dependencies.read_requirements(reqs)) == ["numpy"]
+    assert not dependencies.is_ready(reqs)
+    assert "strokeseg-no-such-package>=1" in dependencies.summary(reqs)
+    assert f"numpy=={numpy_version}" in dependencies.constraints_text().splitlines()
+    reqs.write_text("this is not a requirement!\n")
+    with pytest.raises(dependencies.DependencyError, match="requirements.txt:1: invalid requirement"):
+        dependencies.read_requirements(reqs)
+    # the shipped requirements are satisfied in the test environment (as after a first-use install)
+    assert dependencies.is_ready(REPO_ROOT / "Resources" / "requirements.txt")
+
+
+def test_resources_are_found_in_the_installed_layout(tmp_path):
+    """As slicerMacroBuildScriptedModule + our CMake install it: module, StrokeSegLib and Resources side by side."""
+    import shutil
+    import subprocess
+
+    installed = tmp_path / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    shutil.copytree(LIB_DIR, installed / "StrokeSegLib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(MODULE_FILE, installed / "StrokeSeg.py")
+    for resource in ("UI/StrokeSeg.ui", "Icons/StrokeSeg.png", "requirements.txt"):
+        target = installed / "Resources" / resource
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO_ROOT / "Resources" / resource, target)
+    code = "from StrokeSegLib import paths; print(paths.resources_dir()); print(paths.requirements_file())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=installed, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(installed), "PATH": ""})
+    resources, requirements = out.stdout.split()
+    assert Path(resources) == installed / "Resources" and Path(requirements).is_file()

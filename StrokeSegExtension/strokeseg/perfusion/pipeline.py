@@ -28,7 +28,7 @@ from ..io import write_image, write_text
 from .aif import select_input_functions
 from .concentration import DEFAULT_TE_S, bolus_timing, concentration_frame, detect_kind
 from .decision import Thresholds, decide, hemispheres
-from .deconvolution import DEFAULT_OI, deconvolve, time_to_peak
+from .deconvolution import deconvolve, time_to_peak
 from .masks import ct_masks, mr_masks
 from .motion import correct_motion
 from .series import resample_time, uniform_grid, validate_series
@@ -48,6 +48,7 @@ class PerfusionSettings:
     oi: float | None = None  # None: DEFAULT_OI, raised for short series (see deconvolve)
     pv_correction: bool = True
     correct_tmax_bias: bool = True
+    reference_gain: bool = True  # CT core reference corrected for the regularisation (see decision)
 
 
 @dataclass
@@ -95,6 +96,39 @@ def _smoothed(frame_conc: np.ndarray, mask: np.ndarray, norm: np.ndarray, sigma:
     leaks into the parenchyma)."""
     num = ndimage.gaussian_filter(np.where(mask, frame_conc, 0.0).astype(np.float32), sigma, mode="nearest")
     return np.where(mask, num / np.maximum(norm, 1e-6), frame_conc)
+
+
+def _curves(arr: np.ndarray, s0: np.ndarray, masks, kind: str, te_s: float, sigma_mm: float,
+            spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Concentration curves of the search region (time x voxel): raw (for the arterial input and
+    the vessels) and smoothed within the parenchyma (for the maps); the parenchyma mask without
+    vessels; and which search voxels are saturated."""
+    search = masks.search
+    n_t = arr.shape[0]
+    raw = np.empty((n_t, int(search.sum())), np.float32)
+    for k in range(n_t):
+        raw[k] = concentration_frame(arr[k][search], s0[search], kind, te_s)
+    peak_raw = raw.max(axis=0)
+    tissue = masks.tissue.copy()
+    # Vessels look like parenchyma before the contrast (blood ~40 HU); their bolus gives them away.
+    tissue_peak = np.median(peak_raw[tissue[search]]) if tissue[search].any() else 0.0
+    vessel = np.zeros(search.shape, bool)
+    vessel[search] = peak_raw > 5.0 * max(tissue_peak, 1e-6)
+    tissue &= ~vessel
+    if kind == "ct":  # clipped at the top of the scale (the series' own maximum) in 2+ frames
+        saturated = ((arr[:, search] >= float(arr.max())).sum(axis=0) >= 2) & (peak_raw > 50.0)
+    else:  # signal fallen to ~the noise floor: dR2* no longer measurable
+        saturated = (arr[:, search] / np.maximum(s0[search], 1e-6)).min(axis=0) < 0.03
+    smooth = raw
+    if sigma_mm > 0:
+        sigma = [0.0, sigma_mm / spacing[1], sigma_mm / spacing[0]]
+        norm = ndimage.gaussian_filter(tissue.astype(np.float32), sigma, mode="nearest")
+        smooth = np.empty_like(raw)
+        grid = np.zeros(search.shape, np.float32)
+        for k in range(n_t):
+            grid[search] = raw[k]
+            smooth[k] = _smoothed(grid, tissue, norm, sigma)[search]
+    return raw, smooth, tissue, saturated
 
 
 def run_perfusion(
@@ -172,30 +206,8 @@ def run_perfusion(
     search = masks.search
     coords = np.argwhere(search)
     n_t = arr.shape[0]
-    raw = np.empty((n_t, coords.shape[0]), np.float32)
-    for k in range(n_t):
-        raw[k] = concentration_frame(arr[k][search], s0[search], kind, te_s or 1.0)
-    peak_raw = raw.max(axis=0)
-    tissue = masks.tissue.copy()
-    tissue_peak = np.median(peak_raw[tissue[search]]) if tissue[search].any() else 0.0
-    vessel = np.zeros(search.shape, bool)
-    vessel[search] = peak_raw > 5.0 * max(tissue_peak, 1e-6)
-    tissue &= ~vessel
-    if ct:
-        top = float(arr.max())
-        saturated = ((arr[:, search] >= top).sum(axis=0) >= 2) & (peak_raw > 50.0)
-    else:
-        saturated = (arr[:, search] / np.maximum(s0[search], 1e-6)).min(axis=0) < 0.03
     sigma_mm = st.smooth_mm if st.smooth_mm is not None else SMOOTH_MM[kind]
-    smooth = raw
-    if sigma_mm > 0:
-        sigma = [0.0, sigma_mm / series.spacing[1], sigma_mm / series.spacing[0]]
-        norm = ndimage.gaussian_filter(tissue.astype(np.float32), sigma, mode="nearest")
-        smooth = np.empty_like(raw)
-        grid = np.zeros(search.shape, np.float32)
-        for k in range(n_t):
-            grid[search] = raw[k]
-            smooth[k] = _smoothed(grid, tissue, norm, sigma)[search]
+    raw, smooth, tissue, saturated = _curves(arr, s0, masks, kind, te_s or 1.0, sigma_mm, series.spacing)
     t_grid, dt = uniform_grid(times)
     raw_u = resample_time(raw, times, t_grid)
     smooth_u = resample_time(smooth, times, t_grid)
@@ -230,10 +242,13 @@ def run_perfusion(
         maps[name] = Image(grid, geom.spacing, geom.origin, geom.direction, {"map": name, "units": MAP_UNITS[name]})
     tissue &= maps["cbv"].array <= th.vessel_cbv
     adc_grid = _adc_on_grid(adc, geom) if adc is not None else None
-    tissue_dec = tissue
     left = hemispheres(search.shape, geom.index_to_physical, search)
-    core, hypo, penumbra, decision = decide(maps["cbf"].array, maps["tmax"].array, tissue_dec, left, geom.voxel_volume_ml,
-                                            kind=kind, adc=adc_grid, thresholds=th)
+    gain = None
+    if st.reference_gain:
+        gain = np.ones(search.shape, np.float32)
+        gain[search] = dec.peak_gain
+    core, hypo, penumbra, decision = decide(maps["cbf"].array, maps["tmax"].array, tissue, left, geom.voxel_volume_ml,
+                                            kind=kind, adc=adc_grid, thresholds=th, gain=gain)
     timings["decision_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 
@@ -257,15 +272,17 @@ def run_perfusion(
             "units": "HU" if ct else "1/s (dR2*)",
         },
         "motion": motion_info,
-        "tissue_ml": round(float(np.count_nonzero(tissue_dec)) * geom.voxel_volume_ml, 2),
-        "settings": {"smooth_mm": sigma_mm, "oi": st.oi, "pv_correction": st.pv_correction, "tmax_bias_correction": st.correct_tmax_bias},
+        "tissue_ml": round(float(np.count_nonzero(tissue)) * geom.voxel_volume_ml, 2),
+        "settings": {"smooth_mm": sigma_mm, "oi": st.oi, "pv_correction": st.pv_correction,
+                     "tmax_bias_correction": st.correct_tmax_bias, "reference_gain": st.reference_gain,
+                     "motion_correction": st.motion_correction, "max_motion_mm": st.max_motion_mm},
         "notes": [n for n in [te_note, *inputs.notes] if n],
         "units": MAP_UNITS,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     as_img = lambda m: Image(m.astype(np.uint8), geom.spacing, geom.origin, geom.direction)  # noqa: E731
     report_progress(1.0, "done")
-    return PerfusionResult(maps, as_img(core), as_img(penumbra), report, as_img(hypo), as_img(tissue_dec), timings)
+    return PerfusionResult(maps, as_img(core), as_img(penumbra), report, as_img(hypo), as_img(tissue), timings)
 
 
 def write_perfusion(result: PerfusionResult, out_dir: str | Path) -> Path:

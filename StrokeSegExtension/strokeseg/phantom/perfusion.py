@@ -43,14 +43,14 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..image import Image
-from ..perfusion.decision import hemispheres
 from ..io import write_image, write_text
+from ..perfusion.decision import hemispheres
 from . import acquisition as acqm
 from .anatomy import head_model, mni_to_lps, upsample_linear
 from .cases import PhantomCase
 from .lesions import AcuteLesions, heterogeneity, make_acute
 from .library import default_atlas_for, library_index, territories
-from .signal import B_VALUE, Contrast, draw_tissue_params, signal_maps
+from .mr_signal import B_VALUE, Contrast, draw_tissue_params, signal_maps
 
 GENERATOR_VERSION = "perfusion-1.0"
 MODALITIES = ("ctp", "pwi")
@@ -67,17 +67,17 @@ GROUPS = {
     "VB": ("B", "SC", "IC"),
 }
 # Vessel centre lines in MNI (RAS) mm, approximate positions on the ICBM152 2009 brain; x > 0 is
-# the right side and is mirrored for the left. (name, group fed, [points], radius mm, delay s).
+# the right side and is mirrored for the left. (name, territory group fed, [points], radius mm).
 _ARTERIES_R = [
-    ("ICA", None, [(16, 4, -34), (15, 2, -22), (14, 0, -13)], 2.2, 0.0),
-    ("M1", "MCA", [(14, 0, -13), (26, 2, -12), (38, 4, -6)], 1.6, 0.2),
-    ("M2", "MCA", [(38, 4, -6), (42, -4, 6), (44, -16, 16)], 1.1, 0.5),
-    ("M2a", "MCA", [(38, 4, -6), (40, 14, 6), (40, 22, 16)], 1.0, 0.5),
-    ("A1", "ACA", [(14, 0, -13), (8, 10, -10), (3, 16, -8)], 1.1, 0.3),
-    ("A2", "ACA", [(3, 16, -8), (4, 30, 8), (4, 22, 32), (4, 0, 44), (4, -26, 46)], 1.0, 0.6),
-    ("P1", "PCA", [(0, -20, -22), (12, -24, -14), (24, -40, -6), (18, -70, 0)], 1.1, 0.6),
+    ("ICA", None, [(16, 4, -34), (15, 2, -22), (14, 0, -13)], 2.2),
+    ("M1", "MCA", [(14, 0, -13), (26, 2, -12), (38, 4, -6)], 1.6),
+    ("M2", "MCA", [(38, 4, -6), (42, -4, 6), (44, -16, 16)], 1.1),
+    ("M2a", "MCA", [(38, 4, -6), (40, 14, 6), (40, 22, 16)], 1.0),
+    ("A1", "ACA", [(14, 0, -13), (8, 10, -10), (3, 16, -8)], 1.1),
+    ("A2", "ACA", [(3, 16, -8), (4, 30, 8), (4, 22, 32), (4, 0, 44), (4, -26, 46)], 1.0),
+    ("P1", "PCA", [(0, -20, -22), (12, -24, -14), (24, -40, -6), (18, -70, 0)], 1.1),
 ]
-_ARTERIES_MID = [("BA", "VB", [(0, -24, -46), (0, -21, -32), (0, -20, -22)], 1.6, 0.3)]
+_ARTERIES_MID = [("BA", "VB", [(0, -24, -46), (0, -21, -32), (0, -20, -22)], 1.6)]
 _VEINS = [
     ("SSS", [(0, 62, 30), (0, 42, 64), (0, 6, 80), (0, -36, 76), (0, -72, 56), (0, -96, 26), (0, -102, 6)], 3.2),
     ("StS", [(0, -52, 10), (0, -80, 10), (0, -102, 6)], 2.2),
@@ -455,15 +455,14 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
             extra_groups.append("ACA")
         ids = [k for k, s in terr.short.items() if s[:-1] in names and s[-1:] == side]
         terr_map = np.isin(terr.labels[crop], ids).astype(np.float32)
-    side_sign = 0.0 if group is None else (1.0 if group[1] == "R" else -1.0)
     arteries_ok: list = []
     arteries_aff: list = []
-    for name, feeds, pts, r, _d in _ARTERIES_R:
+    for _name, feeds, pts, r in _ARTERIES_R:
         for mirror, side in ((False, "R"), (True, "L")):
             segs = _polyline(pts, r, mirror)
             affected = group is not None and side == group[1] and feeds is not None and (feeds == group[0] or feeds in extra_groups)
             (arteries_aff if affected else arteries_ok).extend(segs)
-    for name, feeds, pts, r, _d in _ARTERIES_MID:
+    for _name, feeds, pts, r in _ARTERIES_MID:
         segs = _polyline(pts, r)
         (arteries_aff if group is not None and feeds == group[0] else arteries_ok).extend(segs)
     veins = [s for _n, pts, r in _VEINS for s in _polyline(pts, r)]
