@@ -52,6 +52,12 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         raise StrokeSegError(f"{library}: lesion library folder not found")
     if args.count < 1:
         raise StrokeSegError(f"--count must be at least 1, got {args.count}")
+    if args.modality in ("ctp", "pwi"):
+        from .perfusion.cli import run_phantom
+
+        for p in run_phantom(args):
+            print(p)
+        return 0
     try:
         paths = generate_cases(args.modality, args.seed, args.out, count=args.count, lesion_library=library,
                                split=args.split, progress=not args.quiet)
@@ -194,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pred", required=True)
     e.add_argument("--truth", required=True)
     e.set_defaults(func=cmd_evaluate)
+
+    from .perfusion.cli import add_perfusion_parser
+
+    add_perfusion_parser(sub)
 
     d = sub.add_parser("demo", help="simulate a DWI case, segment it, print the report, write a PNG overlay")
     d.add_argument("--out", default="strokeseg-demo")

@@ -19,8 +19,8 @@ from strokeseg.models import ModelCard, build_network, load_model, save_weights
 from strokeseg_training.adapters import ADAPTERS, discover, get_adapter
 from strokeseg_training.config import load_config
 from strokeseg_training.data import load_volumes
-from strokeseg_training.folds import (Fold, fold_config, fold_ensemble_weights, holdout_split, kfold_splits,
-                                      run_folds, summarise_folds, volume_strata)
+from strokeseg_training.folds import (Fold, fold_config, fold_ensemble_weights, fold_weight_files, holdout_split,
+                                      kfold_splits, run_folds, summarise_folds, volume_strata)
 
 CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / "dwi_unet.json"
 
@@ -285,6 +285,8 @@ def test_run_folds_resumes_and_summarises(tmp_path):
     f2 = fold_config(cfg, 2)
     assert f2["data"]["fold"] == 2 and f2["name"].endswith("-fold2") and f2["run_dir"].endswith("fold2")
     assert "fold" not in cfg["data"]  # the original is untouched
+    cfg["data"]["folds"] = 3
+    assert fold_weight_files(cfg) == [tmp_path / "run" / f"fold{k}" / "best.safetensors" for k in range(3)]
 
 
 # -- fold-ensemble weights -----------------------------------------------------------------
@@ -339,12 +341,12 @@ def phantom_isles22(tmp_path_factory):
     root = tmp_path_factory.mktemp("isles22phantoms") / "ISLES-2022"
     volumes = {}
     for i in range(1, 7):
-        case = simulate_dwi(200 + i, split="train", flair=True, **SMALL)
+        case = simulate_dwi(200 + i, split="train", **SMALL)
         sub, ses = f"sub-strokecase{i:04d}", "ses-0001"
         s = root / "rawdata" / sub / ses
         write_image(case.images["dwi"], s / "dwi" / f"{sub}_{ses}_dwi.nii.gz")
         write_image(case.images["adc"], s / "dwi" / f"{sub}_{ses}_adc.nii.gz")
-        write_image(case.images["flair"], s / "anat" / f"{sub}_{ses}_FLAIR.nii.gz")
+        write_image(case.images["b0"], s / "anat" / f"{sub}_{ses}_FLAIR.nii.gz")  # a T2-weighted stand-in (unused by the card)
         write_image(case.lesion, root / "derivatives" / sub / ses / f"{sub}_{ses}_msk.nii.gz")
         volumes[f"{sub}_{ses}"] = float(case.lesion.array.sum()) * case.lesion.voxel_volume_ml
     return root, volumes
@@ -369,8 +371,8 @@ def test_real_isles22_into_training_cache(tmp_path, phantom_isles22):
     assert vols == pytest.approx(volumes)
     assert case_volumes(cases, "lesion", tmp_path / "volumes.json") == vols  # second time from the cache
 
-    train, case_root = build_real_split(cfg, "train")
-    val, val_root = build_real_split(cfg, "val")
+    train, case_root = build_real_split(cfg, "train", workers=1)
+    val, val_root = build_real_split(cfg, "val", workers=1)
     assert len(train) == 4 and len(val) == 2 and not {f.stem for f in train} & {f.stem for f in val}
     vol = load_volumes(train)[0]
     assert vol.image.dtype == np.float16 and vol.image.ndim == 4 and vol.image.shape[0] == 2  # dwi, adc
@@ -390,7 +392,7 @@ def test_real_isles22_into_training_cache(tmp_path, phantom_isles22):
 
     # Reuse: nothing is prepared again; every fold partitions the same cases.
     stamp = train[0].stat().st_mtime_ns
-    assert build_real_split(cfg, "train")[0] == train and train[0].stat().st_mtime_ns == stamp
+    assert build_real_split(cfg, "train", workers=1)[0] == train and train[0].stat().st_mtime_ns == stamp
     val_ids = [c.case_id for f in range(3) for c in split_cases({**cfg, "data": {**cfg["data"], "fold": f}}, "val")]
     assert sorted(val_ids) == sorted(c.case_id for c in cases)
     # A held-out test set taken out before the folds.
@@ -416,11 +418,26 @@ def test_real_data_skips_unusable_cases_and_phantom_folders(tmp_path, phantom_is
     for seed in (1, 2, 3):
         write_case(simulate_dwi(seed, split="val", **SMALL), ph)
     pcfg = _real_cfg(tmp_path, ph, source="auto", folds=3, fold=1)
-    files, root_dir = build_real_split(pcfg, "val")
+    files, root_dir = build_real_split(pcfg, "val", workers=1)
     assert len(files) == 1 and files[0].stem.startswith("dwi-val-")
     case_dir = next(p for p in root_dir.iterdir())
     assert json.loads((case_dir / "case.json").read_text())["generator"] == "strokeseg.phantom"
-    assert any(p.parent.name.startswith("phantom-") for p in [files[0].parent])
+    assert files[0].parent.parent.name.startswith("phantom-")
+
+    # A mask from another scan (outside the inputs' field of view) is refused, naming the file.
+    bad = tmp_path / "bad"
+    src = sorted(p for p in ph.iterdir() if p.is_dir())
+    for i, case_dir in enumerate(src[:2]):
+        for key in ("dwi", "adc"):
+            write_image(read_image(case_dir / f"{key}.nii.gz"), bad / f"c{i}" / f"{key}.nii.gz")
+        lesion = read_image(case_dir / "lesion.nii.gz")
+        if i == 1:
+            lesion.origin = tuple(o + 500.0 for o in lesion.origin)
+        write_image(lesion, bad / f"c{i}" / "lesion.nii.gz")
+    bcfg = _real_cfg(tmp_path, bad, source="generic", folds=2)
+    with pytest.raises(InputError, match=r"c1/lesion.nii.gz: lesion mask does not overlap"):
+        for split in ("train", "val"):
+            build_real_split(bcfg, split, workers=1)
 
 
 def test_read_label_values_and_field_of_view_check(tmp_path):

@@ -113,6 +113,17 @@ def fold_config(cfg: dict[str, Any], fold: int) -> dict[str, Any]:
     return out
 
 
+def fold_weight_files(cfg: dict[str, Any], name: str = "best.safetensors") -> list[Path]:
+    """The weights every fold run of ``cfg`` writes (``fold_config``'s run folders), in fold order."""
+    from .config import DEFAULT_RUNS
+
+    out = []
+    for k in range(int(cfg["data"].get("folds", 5))):
+        fc = fold_config(cfg, k)
+        out.append(Path(fc.get("run_dir") or DEFAULT_RUNS / fc["name"]) / name)
+    return out
+
+
 def run_folds(folds: Iterable[Fold], fn: Callable[[Fold], T], *, results_json: str | Path | None = None,
               only: Iterable[int] | None = None) -> dict[int, T]:
     """Run ``fn`` on each fold and collect the results by fold index.
