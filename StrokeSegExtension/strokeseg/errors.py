@@ -17,6 +17,9 @@ class InputError(StrokeSegError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self):  # so the error crosses process pools intact (batch workers, data generation)
+        return (type(self), (self.path, self.problem))
+
 
 class ModelError(StrokeSegError):
     """A bundled or user model cannot be loaded safely (unknown, tampered, unsafe format)."""

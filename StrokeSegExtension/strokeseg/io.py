@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -231,12 +233,12 @@ def write_image(image: Image, path: str | Path, *, compress: bool = True) -> Pat
     return path
 
 
-def write_text(text: str, path: str | Path) -> Path:
-    """Atomic text write (reports, JSON)."""
+def write_bytes(data: bytes, path: str | Path) -> Path:
+    """Atomic write of a whole file (reports, JSON, PNG)."""
     path = Path(path)
     tmp = _atomic_target(path)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -244,3 +246,34 @@ def write_text(text: str, path: str | Path) -> Path:
             raise OutputError(f"{path}: could not be written ({exc.strerror or exc})") from None
         raise
     return path
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Atomic text write (reports, JSON)."""
+    return write_bytes(text.encode("utf-8"), path)
+
+
+@contextmanager
+def staged_outputs(out_dir: str | Path, names: Sequence[str]) -> Iterator[Path]:
+    """Write a result's files into a temporary sibling folder, then move them into ``out_dir``.
+
+    All files appear or none: on any error (or Ctrl-C) nothing is moved and the stage is
+    removed. ``names`` are moved in order, so the last one (a report) marks completion.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from None
+    try:
+        yield stage
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (out_dir / name).unlink(missing_ok=True)
+        for name in names:
+            shutil.move(str(stage / name), str(out_dir / name))
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: could not write results ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

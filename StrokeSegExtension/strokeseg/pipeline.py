@@ -9,8 +9,6 @@ write ``probability.nii.gz``, ``lesion.nii.gz`` and ``report.json`` atomically, 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,10 +18,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import __version__
-from .errors import InputError, OutputError
+from .errors import InputError
 from .image import Image
 from .inference import predict, resolve_device
-from .io import write_image, write_text
+from .io import staged_outputs, write_image, write_text
 from .modality import find_case_inputs, load_inputs, require_inputs
 from .models import ModelCard, choose_model, get_card, load_model
 from .postprocess import PostprocessSettings, postprocess
@@ -148,26 +146,11 @@ def is_finished(out_dir: str | Path) -> bool:
 
 def write_result(result: SegmentationResult, out_dir: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
     """Write the three outputs; all appear or none (staged in a sibling temp folder)."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: output folder is not writable ({exc.strerror})") from None
-    try:
-        write_image(result.probability.with_array(result.probability.array.astype(np.float32)), stage / "probability.nii.gz")
+    with staged_outputs(out_dir, OUTPUT_FILES) as stage:  # report.json last: it marks the case finished
+        write_image(result.probability.with_array(result.probability.array.astype(np.float32)),
+                    stage / "probability.nii.gz")
         write_image(result.mask, stage / "lesion.nii.gz")
-        report = {**result.report, **(dict(extra) if extra else {})}
-        write_text(json.dumps(report, indent=2), stage / "report.json")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES:  # report.json last: it marks the case as finished
-            (out_dir / name).unlink(missing_ok=True)
-        for name in OUTPUT_FILES:
-            shutil.move(str(stage / name), str(out_dir / name))
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: could not write results ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        write_text(json.dumps({**result.report, **(dict(extra) if extra else {})}, indent=2), stage / "report.json")
     return out_dir
 
 

@@ -7,7 +7,6 @@ display nor touches the global backend other code may rely on. Files are written
 from __future__ import annotations
 
 import io as _bytes_io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .errors import OutputError
-from .io import _atomic_target
+from .io import write_bytes
 from .metrics import bland_altman
 
 _DPI = 150
@@ -36,16 +34,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     buf = _bytes_io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
-    tmp = _atomic_target(path)  # raises OutputError when the folder cannot be written
-    try:
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"{path}: could not be written ({exc.strerror or exc})") from None
-        raise
-    return path
+    return write_bytes(buf.getvalue(), path)  # OutputError when the folder cannot be written
 
 
 def bland_altman_plot(pred_ml: Sequence[float], true_ml: Sequence[float], path: str | Path, title: str = "") -> Path:

@@ -181,6 +181,8 @@ def test_isles15_siss_and_spes(tmp_path):
     spes = cases["spes_2"]
     assert set(spes.inputs) == {"cbf", "cbv", "dwi", "t2", "ttp", "tmax"} and spes.labels["penumbra"] == spes.labels["lesion"]
     assert "MR_T1C" in spes.meta["other_inputs"] and spes.meta["task"] == "SPES"  # contrast T1 has no engine key
+    with pytest.raises(ValueError, match="has no option tsk"):
+        get_adapter("isles15").cases(root, tsk="spes")  # a misspelt option is not ignored
     only = get_adapter("isles15").cases(root, task="spes")
     assert [c.case_id for c in only] == ["spes_1", "spes_2"]
     assert discover(root / "SISS2015_Training") == "isles15"
@@ -265,6 +267,9 @@ def test_kfold_patient_level_stratified_deterministic():
     assert len(held) == 6 and sorted(rest + held) == ids
     with pytest.raises(ValueError, match="cannot fill"):
         kfold_splits(ids[:4], 5)
+    # Many lesion-free cases (ties at 0 mL) still make equal tertiles.
+    ties = volume_strata({**{f"z{i}": 0.0 for i in range(6)}, "a": 1.0, "b": 2.0, "c": 3.0})
+    assert sorted(np.bincount(list(ties.values()))) == [3, 3, 3] and ties["c"] == 2
 
 
 def test_run_folds_resumes_and_summarises(tmp_path):

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from strokeseg.models import get_card, load_registry
 from strokeseg.phantom import simulate_dwi

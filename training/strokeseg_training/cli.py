@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -35,7 +36,9 @@ def _net(cfg: dict, weights: Path, device: str = "cpu") -> torch.nn.Module:
 
 def _cases(cfg: dict, split: str) -> list[Path]:
     _, root = build_split(cfg, split, workers=int(cfg["data"].get("workers", 2)))
-    return sorted(p for p in root.iterdir() if p.is_dir())[: int(cfg["data"][f"n_{split}"])]
+    cases = sorted(p for p in root.iterdir() if p.is_dir())
+    n = cfg["data"].get(f"n_{split}")  # phantom configs fix the count; a real dataset's split is what it is
+    return cases[: int(n)] if n else cases
 
 
 def do_tune(cfg: dict) -> dict:
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             build_split(cfg, split, workers=int(cfg["data"].get("workers", 2)))
     if args.command in ("train", "all"):
         train(cfg, resume=not args.no_resume)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # under torchrun only rank 0 tunes, evaluates and exports
     if args.command in ("tune", "all"):
         do_tune(cfg)
     if args.command in ("evaluate", "all"):

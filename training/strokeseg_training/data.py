@@ -66,7 +66,14 @@ def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
 
 
 def build_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tuple[list[Path], Path]:
-    """Generate (or reuse) a split; returns the npz files and the case-folder root."""
+    """Generate (or reuse) a split; returns the npz files and the case-folder root.
+
+    A config with ``data.root`` names a real dataset folder instead: its adapter's cases are
+    cached the same way (``realdata.build_real_split``)."""
+    if cfg["data"].get("root"):
+        from .realdata import build_real_split
+
+        return build_real_split(cfg, split, workers=workers)
     data = cfg["data"]
     n = int(data[f"n_{split}"])
     seed0 = int(data.get("seed", 0)) + SPLIT_SEED_OFFSET[split]

@@ -32,13 +32,12 @@ class Fold:
 
 
 def volume_strata(volumes: Mapping[str, float], n_bins: int = 3) -> dict[str, int]:
-    """Stratum (0 = smallest) of each item by lesion-volume quantiles: tertiles by default."""
-    keys = sorted(volumes)
-    if not keys:
-        return {}
-    v = np.asarray([float(volumes[k]) for k in keys])
-    edges = np.quantile(v, np.linspace(0, 1, n_bins + 1)[1:-1])
-    return {k: int(s) for k, s in zip(keys, np.searchsorted(edges, v, side="right"))}
+    """Stratum (0 = smallest) of each item by lesion-volume rank: tertiles by default.
+
+    Ranks rather than quantile edges, so ties (many lesion-free cases at 0 mL) still give
+    strata of equal size; ties are ordered by id, which keeps the result deterministic."""
+    order = sorted(volumes, key=lambda k: (float(volumes[k]), k))
+    return {k: i * n_bins // len(order) for i, k in enumerate(order)}
 
 
 def _groups(case_ids: Sequence[str], groups: Mapping[str, str] | None) -> dict[str, list[str]]:

@@ -172,9 +172,11 @@ def split_cases(cfg: dict[str, Any], split: str, *, cache_dir: Path | None = Non
         pool, held = holdout_split(pool, frac, seed=seed, groups=groups, volumes=volumes)
         if split == "test":
             return [by_id[i] for i in held]
-    k = int(d.get("folds", 5))
+    k, index = int(d.get("folds", 5)), int(d.get("fold", 0))
     if k >= 2:
-        fold = kfold_splits(pool, k, seed=seed, groups=groups, volumes=volumes)[int(d.get("fold", 0))]
+        if not 0 <= index < k:
+            raise ValueError(f"data.fold {index} outside 0..{k - 1}")
+        fold = kfold_splits(pool, k, seed=seed, groups=groups, volumes=volumes)[index]
         train, val = list(fold.train), list(fold.val)
     else:
         train, val = holdout_split(pool, float(d.get("val_fraction", 0.2)), seed=seed + 1, groups=groups, volumes=volumes)
@@ -257,9 +259,10 @@ def build_real_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tu
     npz_dir, cases_dir = base / "npz", base / "cases"
     npz_dir.mkdir(parents=True, exist_ok=True)
     cases_dir.mkdir(parents=True, exist_ok=True)
-    skipped = usable(cfg, all_cases)[1]
-    if skipped and not (base / "skipped.json").is_file():
-        write_text(json.dumps(skipped, indent=1, sort_keys=True) + "\n", base / "skipped.json")
+    skipped = json.dumps(usable(cfg, all_cases)[1], indent=1, sort_keys=True) + "\n"
+    note = base / "skipped.json"  # which cases this config cannot train on, and why
+    if not note.is_file() or note.read_text() != skipped:
+        write_text(skipped, note)
     cases = split_cases(cfg, split, cache_dir=base)
     if split == "test" and d.get("test_root"):  # another dataset: its own cache
         test_root = _path(d["test_root"])

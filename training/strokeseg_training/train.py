@@ -40,6 +40,18 @@ def _dist_setup() -> tuple[int, int, torch.device]:
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _elapsed(t0: float, world: int, dev: torch.device) -> float:
+    """Seconds since ``t0``, identical on every rank: the lr schedule and the stop decision
+    depend on it, and ranks that disagree would drift apart (lr) or deadlock (one rank
+    leaving the loop while the others wait in the gradient all-reduce)."""
+    elapsed = time.time() - t0
+    if world > 1:
+        t = torch.tensor([elapsed], dtype=torch.float64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        elapsed = float(t.item())
+    return elapsed
+
+
 def make_loss(name: str) -> torch.nn.Module:
     if name == "dicefocal":
         return DiceFocalLoss(sigmoid=True, batch=True)
@@ -128,7 +140,7 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
         opt.load_state_dict(state["opt"])
         start, best, elapsed0 = int(state["step"]), float(state["best"]), float(state.get("elapsed_s", 0.0))
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     module = net.module if world > 1 else net
 
     log_csv = out / "log.csv"
@@ -137,10 +149,12 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     t0 = time.time() - elapsed0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="training", disable=rank != 0)
     net.train()
+    step = start - 1  # a resumed run that is already complete does no step
     for step in bar:
         x, y = sampler.batch(int(tc.get("batch_size", 2)))
         x, y = x.to(dev), y.to(dev)
-        lr = set_lr(step, time.time() - t0)
+        elapsed = _elapsed(t0, world, dev)
+        lr = set_lr(step, elapsed)
         with torch.autocast(dev.type, enabled=dev.type == "cuda"):
             loss = loss_fn(net(x), y)
         opt.zero_grad(set_to_none=True)
@@ -148,7 +162,7 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
         scaler.step(opt)
         scaler.update()
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
-        last = step + 1 == steps or time.time() - t0 > budget_s
+        last = step + 1 == steps or elapsed > budget_s
         if rank == 0:
             bar.set_postfix(loss=f"{smoothed:.3f}", best=f"{best:.3f}")
             val = ""

@@ -10,8 +10,6 @@ thread, with progress and cancel); ``write_perfusion`` writes the DESIGN.md outp
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,9 +20,9 @@ import numpy as np
 from scipy import ndimage
 
 from .. import __version__
-from ..errors import Cancelled, InputError, OutputError
+from ..errors import Cancelled, InputError
 from ..image import Image, resample_to
-from ..io import write_image, write_text
+from ..io import staged_outputs, write_image, write_text
 from .aif import select_input_functions
 from .concentration import DEFAULT_TE_S, bolus_timing, concentration_frame, detect_kind
 from .decision import Thresholds, decide, hemispheres
@@ -287,26 +285,11 @@ def run_perfusion(
 
 def write_perfusion(result: PerfusionResult, out_dir: str | Path) -> Path:
     """Write the maps, core, penumbra and report.json; all appear or none (staged beside ``out_dir``)."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from None
-    try:
+    with staged_outputs(out_dir, OUTPUT_FILES) as stage:  # report.json last: it marks the result complete
         for name in MAP_NAMES:
             m = result.maps[name]
             write_image(m.with_array(m.array.astype(np.float32)), stage / f"{name}.nii.gz")
         write_image(result.core, stage / "core.nii.gz")
         write_image(result.penumbra, stage / "penumbra.nii.gz")
         write_text(json.dumps(result.report, indent=2), stage / "report.json")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES:
-            (out_dir / name).unlink(missing_ok=True)
-        for name in OUTPUT_FILES:  # report.json last: it marks the result as complete
-            shutil.move(str(stage / name), str(out_dir / name))
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: could not write results ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return out_dir

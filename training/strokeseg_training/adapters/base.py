@@ -7,10 +7,12 @@ instant; reading, checking and preprocessing happen later with the engine's own
 
 from __future__ import annotations
 
+import inspect
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from strokeseg.errors import InputError
 from strokeseg.io import image_suffix, strip_suffix
@@ -65,7 +67,8 @@ class Adapter:
     def sniff(self, root: Path) -> bool:
         raise NotImplementedError
 
-    def list_cases(self, root: Path, **options: Any) -> list[Case]:
+    def list_cases(self, root: Path) -> list[Case]:
+        """The adapter's cases; keyword parameters after ``root`` are its options."""
         raise NotImplementedError
 
     def cases(self, root: str | Path, *, labelled_only: bool = True, patients: dict[str, str] | None = None,
@@ -79,12 +82,16 @@ class Adapter:
         root = Path(root)
         if not root.is_dir():
             raise InputError(root, "dataset folder not found")
+        takes = [p for p in inspect.signature(self.list_cases).parameters if p != "root"]
+        unknown = sorted(set(options) - set(takes))
+        if unknown:  # a misspelt option must not be ignored silently
+            raise ValueError(f"the {self.name} adapter has no option {', '.join(unknown)} "
+                             f"(options: {', '.join(takes) or 'none'})")
         found = self.list_cases(root, **options)
         for c in found:
             if patients and c.case_id in patients:
                 c.meta["patient"] = str(patients[c.case_id])
-        ids = [c.case_id for c in found]
-        dup = sorted({i for i in ids if ids.count(i) > 1})
+        dup = sorted(i for i, n in Counter(c.case_id for c in found).items() if n > 1)
         if dup:
             raise InputError(root, f"{self.title}: case id {dup[0]} occurs twice")
         out = sorted((c for c in found if c.labelled or not labelled_only), key=lambda c: natural_key(c.case_id))
@@ -178,7 +185,3 @@ def map_smir(entries: dict[str, Path], table: dict[str, str | None]) -> tuple[di
 def natural_key(text: str) -> tuple[Any, ...]:
     """'case_10' after 'case_9'."""
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
-
-
-def first(paths: Iterable[Path]) -> Path | None:
-    return next(iter(paths), None)

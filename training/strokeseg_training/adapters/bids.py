@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from strokeseg.io import strip_suffix
 
@@ -61,7 +60,7 @@ class ISLES22(Adapter):
     def sniff(self, root: Path) -> bool:
         return bool(self._subjects(root))
 
-    def list_cases(self, root: Path, **options: Any) -> list[Case]:
+    def list_cases(self, root: Path) -> list[Case]:
         cases = []
         for subject in self._subjects(root):
             raw = subject.parent
@@ -93,7 +92,7 @@ class ATLAS2(Adapter):
     def sniff(self, root: Path) -> bool:
         return bool(self._subjects(root))
 
-    def list_cases(self, root: Path, **options: Any) -> list[Case]:
+    def list_cases(self, root: Path) -> list[Case]:
         cases = []
         for subject in self._subjects(root):
             for session in _sessions(subject):

@@ -62,7 +62,7 @@ class Phantom(Adapter):
     def sniff(self, root: Path) -> bool:
         return any(_is_phantom(p) for p in root.iterdir() if p.is_dir())
 
-    def list_cases(self, root: Path, **options: Any) -> list[Case]:
+    def list_cases(self, root: Path) -> list[Case]:
         return [_case_folder(p, self.title) for p in self._folders(root)]
 
 
@@ -94,7 +94,8 @@ def _channel_names(root: Path, image_dir: Path) -> list[str] | None:
     """nnU-Net dataset.json: {"channel_names": {"0": "DWI", "1": "ADC"}} (v2) or {"modality": {...}} (v1)."""
     for f in (image_dir.parent / "dataset.json", root / "dataset.json"):
         if f.is_file():
-            names = _read_json(f).get("channel_names") or _read_json(f).get("modality")
+            info = _read_json(f)
+            names = info.get("channel_names") or info.get("modality")
             if isinstance(names, dict):
                 out = []
                 for i in range(len(names)):
@@ -145,7 +146,7 @@ class Generic(Adapter):
         return False
 
     def list_cases(self, root: Path, channels: Sequence[str] | None = None, modality: str | None = None,
-                   label_values: dict[str, Sequence[int]] | None = None, **options: Any) -> list[Case]:
+                   label_values: dict[str, Sequence[int]] | None = None) -> list[Case]:
         pairs = _named_dir(root, IMAGE_DIRS)
         if not pairs:
             folders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]

@@ -70,7 +70,7 @@ class ISLES15(_SMIRAdapter):
     def accepts(self, seqs: set[str]) -> bool:
         return "MR_DWI" in seqs and "MR_ADC" not in seqs
 
-    def list_cases(self, root: Path, task: str | None = None, **options: Any) -> list[Case]:
+    def list_cases(self, root: Path, task: str | None = None) -> list[Case]:
         if task not in (None, "siss", "spes"):
             raise ValueError(f"isles15 task must be 'siss' or 'spes', got {task!r}")
         cases = []
@@ -99,7 +99,7 @@ class ISLES17(_SMIRAdapter):
     def accepts(self, seqs: set[str]) -> bool:
         return "MR_ADC" in seqs and bool(seqs & {"MR_TMAX", "MR_RCBF", "MR_MTT"})
 
-    def list_cases(self, root: Path, **options: Any) -> list[Case]:
+    def list_cases(self, root: Path) -> list[Case]:
         return [self._case(self._id(root, folder), folder, ISLES17_TABLE, ("lesion",),
                            {"target": "final infarct at ~90-day follow-up, mapped to the acute scan"})
                 for folder in self._dirs(root)]
@@ -119,7 +119,7 @@ class ISLES18(_SMIRAdapter):
     def accepts(self, seqs: set[str]) -> bool:
         return any(s == "CT" or s.startswith("CT_") for s in seqs)
 
-    def list_cases(self, root: Path, **options: Any) -> list[Case]:
+    def list_cases(self, root: Path) -> list[Case]:
         return [self._case(self._id(root, folder), folder, ISLES18_TABLE, ("lesion", "core"),
                            {"target": "infarct core (DWI traced, registered to the CTP)"})
                 for folder in self._dirs(root)]
