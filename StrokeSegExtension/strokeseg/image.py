@@ -125,6 +125,11 @@ class Image:
             sp = img.GetSpacing()
             meta.setdefault("times", [float(img.GetOrigin()[3] + t * sp[3]) for t in range(img.GetSize()[3])])
             return cls(arr, sp[:3], img.GetOrigin()[:3], tuple(d4[:3, :3].ravel()), meta)
+        if dim == 5 and img.GetSize()[3] == 1:
+            # ISLES'17/'18 4D PWI files are (x, y, z, 1, t): drop the singleton axis.
+            size = list(img.GetSize())
+            size[3] = 0
+            return cls.from_sitk(sitk.Extract(img, size, [0] * 5), meta)
         if dim == 2:
             # A single slice: treat as a 3D volume one voxel thick.
             d2 = np.asarray(img.GetDirection()).reshape(2, 2)

@@ -327,3 +327,16 @@ def test_bool_and_float16_arrays_write(tmp_path):
     half = img.with_array(img.array.astype(np.float16))
     back = io.read_image(io.write_image(half, tmp_path / "half.nrrd"))
     np.testing.assert_allclose(back.array, half.array.astype(np.float32))
+
+
+def test_5d_isles_pwi_with_singleton_axis_reads_as_4d(tmp_path):
+    """ISLES'17/'18 store 4D PWI as (x, y, z, 1, t) NIfTI; the engine sees a 4D series."""
+    import nibabel as nib
+
+    data = np.random.default_rng(0).random((6, 5, 4, 1, 9)).astype(np.float32)  # x, y, z, 1, t
+    path = tmp_path / "SMIR.Brain.XX.O.CT_4DPWI.1.nii"
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 5.0, 1.0])), str(path))
+    img = io.read_image(path)
+    assert img.is_4d and img.array.shape == (9, 4, 5, 6)
+    np.testing.assert_allclose(img.array[3], data[..., 0, 3].transpose(2, 1, 0))
+    np.testing.assert_allclose(img.spacing, (2.0, 2.0, 5.0))
