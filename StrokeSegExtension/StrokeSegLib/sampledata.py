@@ -32,7 +32,7 @@ class PhantomSample:
 
 SAMPLES = (
     PhantomSample("StrokeSeg DWI phantom", 7, False, {"lesion_pattern": "territorial"}),
-    PhantomSample("StrokeSeg DWI phantom (DICOM)", 8, True, {"lesion_pattern": "territorial"}),
+    PhantomSample("StrokeSeg DWI phantom (DICOM)", 13, True, {"lesion_pattern": "territorial"}),
 )
 
 

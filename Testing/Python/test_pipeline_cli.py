@@ -46,7 +46,7 @@ def case_dir(tmp_path, phantom) -> Path:
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run the real console entry point in a subprocess (exit code, stdout, stderr)."""
     p = subprocess.run([sys.executable, "-m", "strokeseg.cli", *args], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                       encoding="utf-8", errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -304,8 +304,8 @@ def test_batch_ctrl_c_keeps_finished_cases_and_no_partial_files(phantom, tmp_pat
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "strokeseg.cli", "segment", "--input-dir", str(root), "--out", str(out),
                           "--device", "cpu", "--models-dir", str(models_dir)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                         errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "case00" / "report.json").exists():
         time.sleep(0.05)
