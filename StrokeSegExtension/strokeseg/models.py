@@ -30,7 +30,16 @@ from .errors import ModelError, OutputError
 
 ENV_VAR = "STROKESEG_MODELS_DIR"
 # strokeseg lives at <repo>/StrokeSegExtension/strokeseg; the schemas always come from here.
-BUNDLED_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+
+def _bundled_dir() -> Path:
+    """Resources/Models beside the package in an installed Slicer extension (qt-scripted-modules/),
+    else at the source tree's root (StrokeSegExtension/strokeseg -> <repo>/Resources)."""
+    here = Path(__file__).resolve()
+    installed = here.parents[1] / "Resources" / "Models"
+    return installed if installed.is_dir() else here.parents[2] / "Resources" / "Models"
+
+
+BUNDLED_DIR = _bundled_dir()
 SCHEMA_DIR = BUNDLED_DIR
 MODELS_DIR: Path = Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else BUNDLED_DIR
 
