@@ -29,7 +29,7 @@ from . import networks
 from .errors import ModelError, OutputError
 
 ENV_VAR = "STROKESEG_MODELS_DIR"
-# strokeseg lives at <repo>/StrokeSegExtension/strokeseg; the schemas always come from here.
+
 
 def _bundled_dir() -> Path:
     """Resources/Models beside the package in an installed Slicer extension (qt-scripted-modules/),
@@ -40,7 +40,7 @@ def _bundled_dir() -> Path:
 
 
 BUNDLED_DIR = _bundled_dir()
-SCHEMA_DIR = BUNDLED_DIR
+SCHEMA_DIR = BUNDLED_DIR  # the schemas always come from the bundled folder, whatever STROKESEG_MODELS_DIR says
 MODELS_DIR: Path = Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else BUNDLED_DIR
 
 FAMILIES = {"dwi": "diffusion MRI", "ctp": "CT perfusion", "t1": "T1-weighted MRI", "mrp": "MR perfusion"}
