@@ -23,7 +23,7 @@ from tqdm import tqdm
 from strokeseg.inference import predict
 from strokeseg.models import build_network, save_weights
 
-from .config import card_of, run_dir
+from .config import REPO_ROOT, card_of, run_dir
 from .data import build_split, load_volumes
 from .sampling import PatchSampler, augmentation
 
@@ -114,7 +114,13 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     patch_zyx = tuple(reversed(card.patch_size))
     sampler = PatchSampler(train_vols, patch_zyx, float(tc.get("pos_fraction", 0.5)),
                            augmentation(tc.get("augment", {}), len(card.required), patch_zyx), rng)
-    net = build_network(card).to(dev)
+    net = build_network(card)
+    if tc.get("init_weights"):  # fine-tuning starts from an earlier run's weights (safetensors only)
+        from safetensors.torch import load_file
+
+        init = Path(tc["init_weights"])
+        net.load_state_dict(load_file(str(init if init.is_absolute() else REPO_ROOT / init)))
+    net = net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=float(tc.get("lr", 2e-3)), weight_decay=float(tc.get("weight_decay", 1e-4)))
     steps = int(tc["steps"])
     warm = int(tc.get("warmup", 100))

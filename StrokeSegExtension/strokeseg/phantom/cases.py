@@ -18,7 +18,7 @@ from .lesions import PATTERN_P, PATTERNS, AcuteLesions, make_acute, make_distrac
 from .library import Region, default_atlas_for, label_volumes, library_index, territories
 from .mr_signal import B_VALUE, Contrast, draw_tissue_params, signal_maps
 
-GENERATOR_VERSION = "dwi-1.1"
+GENERATOR_VERSION = "dwi-1.2"
 MODALITIES = ("dwi",)
 _SPLIT_CODE = {None: 0, "train": 1, "val": 2, "test": 3}
 _STREAMS = ("anatomy", "lesion", "distractor", "acquisition", "signal", "noise", "flair")
