@@ -75,7 +75,11 @@ def main() -> None:
         card = choose_model(images)
         prepared = prepare(images, card)
         net = _networks(card, args.device)[0]
-        x = torch.from_numpy(prepared.array)[None].to(args.device)
+        # The same work as one sliding window: the input padded to the card's window (x,y,z -> z,y,x).
+        from monai.transforms import SpatialPad
+
+        roi = list(reversed(card.raw["inference"].get("roi_size", card.patch_size)))
+        x = SpatialPad(roi)(torch.from_numpy(prepared.array))[None].to(args.device)
         bare = []
         with torch.inference_mode():
             net(x)
