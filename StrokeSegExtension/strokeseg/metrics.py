@@ -292,14 +292,20 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def bland_altman(pred_ml: Sequence[float], true_ml: Sequence[float]) -> dict:
-    """Bias (mean of pred - true) and 95 % limits of agreement (bias ± 1.96 SD, SD with ddof=1)."""
+def volume_pairs(pred_ml: Sequence[float], true_ml: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true volumes as two equally long, finite float arrays (ValueError otherwise)."""
     p = np.asarray(pred_ml, dtype=float)
     t = np.asarray(true_ml, dtype=float)
     if p.ndim != 1 or p.shape != t.shape or p.size == 0:
         raise ValueError(f"need two equally long, non-empty volume lists (got {p.shape} and {t.shape})")
     if not (np.all(np.isfinite(p)) and np.all(np.isfinite(t))):
         raise ValueError("volumes must be finite")
+    return p, t
+
+
+def bland_altman(pred_ml: Sequence[float], true_ml: Sequence[float]) -> dict:
+    """Bias (mean of pred - true) and 95 % limits of agreement (bias ± 1.96 SD, SD with ddof=1)."""
+    p, t = volume_pairs(pred_ml, true_ml)
     d = p - t
     bias = float(d.mean())
     sd = float(d.std(ddof=1)) if d.size > 1 else math.nan

@@ -15,19 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .io import write_bytes
-from .metrics import bland_altman
+from .metrics import bland_altman, volume_pairs
 
 _DPI = 150
-
-
-def _volumes(pred_ml: Sequence[float], true_ml: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    p = np.asarray(pred_ml, dtype=float)
-    t = np.asarray(true_ml, dtype=float)
-    if p.ndim != 1 or p.shape != t.shape or p.size == 0:
-        raise ValueError(f"need two equally long, non-empty volume lists (got {p.shape} and {t.shape})")
-    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(t))):
-        raise ValueError("volumes must be finite")
-    return p, t
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -39,7 +29,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 def bland_altman_plot(pred_ml: Sequence[float], true_ml: Sequence[float], path: str | Path, title: str = "") -> Path:
     """Difference (pred - true) against mean volume, with bias and 1.96 SD limits of agreement."""
-    p, t = _volumes(pred_ml, true_ml)
+    p, t = volume_pairs(pred_ml, true_ml)
     ba = bland_altman(p, t)
     fig = Figure(figsize=(6.0, 4.5), dpi=_DPI)
     ax = fig.add_subplot()
@@ -62,7 +52,7 @@ def bland_altman_plot(pred_ml: Sequence[float], true_ml: Sequence[float], path: 
 
 def volume_scatter_plot(pred_ml: Sequence[float], true_ml: Sequence[float], path: str | Path, title: str = "") -> Path:
     """Predicted against true lesion volume, with the identity line and Pearson r."""
-    p, t = _volumes(pred_ml, true_ml)
+    p, t = volume_pairs(pred_ml, true_ml)
     fig = Figure(figsize=(5.0, 5.0), dpi=_DPI)
     ax = fig.add_subplot()
     ax.scatter(t, p, s=18, alpha=0.75, color="tab:blue", edgecolors="none")
