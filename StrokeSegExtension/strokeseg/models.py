@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,7 +25,8 @@ import safetensors.torch
 import torch
 
 from . import networks
-from .errors import ModelError, OutputError
+from .errors import ModelError
+from .io import write_bytes
 
 ENV_VAR = "STROKESEG_MODELS_DIR"
 
@@ -512,20 +512,6 @@ def save_weights(module: torch.nn.Module | Mapping[str, torch.Tensor], path: str
     state = module.state_dict() if isinstance(module, torch.nn.Module) else dict(module)
     # Contiguous CPU copies: safetensors refuses views and tensors sharing storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"{path.parent}: output folder is not writable ({exc.strerror})") from None
-    tmp = Path(tmp_name)
-    try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"{path}: could not be written ({exc.strerror})") from None
-        raise
-    return digest
+    data = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    write_bytes(data, path)  # atomic; OutputError when the folder cannot be written
+    return hashlib.sha256(data).hexdigest()
