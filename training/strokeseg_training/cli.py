@@ -23,7 +23,7 @@ from .config import card_of, load_config, run_dir
 from .data import build_split
 from .evaluate import case_probabilities, score, summarise, tune
 from .export import export_model
-from .train import train
+from .recipes import train_recipe
 
 
 def _net(cfg: dict, weights: Path, device: str = "cpu") -> torch.nn.Module:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for split in ("train", "val", "test"):
             build_split(cfg, split, workers=int(cfg["data"].get("workers", 2)))
     if args.command in ("train", "all"):
-        train(cfg, resume=not args.no_resume)
+        train_recipe(cfg, resume=not args.no_resume)
         if int(os.environ.get("RANK", "0")) != 0:
             return 0  # under torchrun only rank 0 tunes, evaluates and exports
     if args.command in ("tune", "all"):

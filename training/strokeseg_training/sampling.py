@@ -38,16 +38,43 @@ def augmentation(aug: dict[str, Any], n_channels: int, patch_zyx: Sequence[int])
 
 
 class PatchSampler:
-    """Random patches with a fixed share centred on lesion voxels (balance for small lesions)."""
+    """Random patches with a fixed share centred on lesion voxels (balance for small lesions).
+
+    With ``component_fraction`` > 0 that share of the lesion-centred patches first picks a lesion
+    (26-connected component) uniformly, so lacunes are seen as often as the territorial infarct
+    next to them instead of in proportion to their voxel count.
+    """
 
     def __init__(self, volumes: list[Volume], patch_zyx: Sequence[int], pos_fraction: float,
-                 transform: Compose, rng: np.random.Generator):
+                 transform: Compose, rng: np.random.Generator, component_fraction: float = 0.0):
         self.volumes = volumes
         self.patch = np.asarray(patch_zyx)
         self.pos_fraction = pos_fraction
+        self.component_fraction = component_fraction
         self.transform = transform
         self.rng = rng
         self.fg = [np.argwhere(v.label > 0) for v in volumes]
+        self.components = [self._components(v, fg) for v, fg in zip(volumes, self.fg)] \
+            if component_fraction > 0 else []
+
+    @staticmethod
+    def _components(v: Volume, fg: np.ndarray) -> list[np.ndarray]:
+        """Indices into ``fg`` of each lesion component."""
+        if not len(fg):
+            return []
+        import cc3d
+        labels = cc3d.connected_components(np.ascontiguousarray(v.label > 0), connectivity=26)
+        ids = labels[tuple(fg.T)]
+        order = np.argsort(ids, kind="stable")
+        bounds = np.flatnonzero(np.diff(ids[order])) + 1
+        return np.split(order, bounds)
+
+    def _lesion_voxel(self, i: int) -> np.ndarray:
+        fg = self.fg[i]
+        if self.components and self.rng.random() < self.component_fraction:
+            comp = self.components[i][self.rng.integers(len(self.components[i]))]
+            return fg[comp[self.rng.integers(len(comp))]]
+        return fg[self.rng.integers(len(fg))]
 
     def _crop(self, v: Volume, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shape = np.asarray(v.label.shape)
@@ -59,7 +86,7 @@ class PatchSampler:
         i = int(self.rng.integers(len(self.volumes)))
         v, fg = self.volumes[i], self.fg[i]
         if len(fg) and self.rng.random() < self.pos_fraction:
-            centre = fg[self.rng.integers(len(fg))] + self.rng.integers(-self.patch // 4, self.patch // 4 + 1)
+            centre = self._lesion_voxel(i) + self.rng.integers(-self.patch // 4, self.patch // 4 + 1)
         else:
             centre = np.array([self.rng.integers(s) for s in v.label.shape])
         img, lab = self._crop(v, centre)

@@ -1,0 +1,32 @@
+"""Training recipes: how a config's model is trained, chosen by the config's ``"recipe"``.
+
+The default ``unet3d`` is the patch trainer of :mod:`strokeseg_training.train`; each paper's
+method lives in its own module here and is registered below as ``"module:function"`` so that
+importing the package stays cheap. A recipe function takes the loaded config and ``resume`` and
+returns the run folder holding ``best.safetensors`` and ``train_summary.json`` (the contract
+``tune``/``evaluate``/``export`` rely on).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+Trainer = Callable[..., Path]
+
+RECIPES: dict[str, str] = {
+    "unet3d": "strokeseg_training.train:train",
+}
+
+
+def trainer(name: str) -> Trainer:
+    """The training function of recipe ``name``; a clear error lists the known ones."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+    module, func = RECIPES[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def train_recipe(cfg: dict[str, Any], *, resume: bool = True) -> Path:
+    return trainer(cfg.get("recipe", "unet3d"))(cfg, resume=resume)
