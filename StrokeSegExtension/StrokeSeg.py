@@ -172,6 +172,8 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._perfusionJob = None
+        self._observedPerfusionSegmentation = None
         self._lastSettings = None
         self._lastInputs = None
         self._deviceAvailable = {}
@@ -190,6 +192,10 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._recomputeTimer = self._singleShot(self.RECOMPUTE_DELAY_MS, self._recompute)
         self._statisticsTimer = self._singleShot(self.STATISTICS_DELAY_MS, self._updateStatistics)
         self._detectTimer = self._singleShot(500, self._autoDetect)
+        self._perfusionPollTimer = qt.QTimer()
+        self._perfusionPollTimer.setInterval(self.POLL_MS)
+        self._perfusionPollTimer.timeout.connect(self._pollPerfusionJob)
+        self._perfusionStatisticsTimer = self._singleShot(self.STATISTICS_DELAY_MS, self._updatePerfusionStatistics)
 
         self.ui.installDependenciesButton.clicked.connect(self.onInstallDependencies)
         self.ui.detectButton.clicked.connect(lambda: self.onDetect(overwrite=True))
@@ -200,6 +206,8 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.clicked.connect(self.onUndo)
         self.ui.redoButton.clicked.connect(self.onRedo)
         self.ui.exportButton.clicked.connect(self.onExport)
+        self.ui.perfusionButton.clicked.connect(self.onPerfusionButton)
+        self.ui.perfusionExportButton.clicked.connect(self.onPerfusionExport)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -233,7 +241,8 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ready = dependencies.is_ready(paths.requirements_file())
         self.ui.dependenciesGroupBox.setVisible(not ready)
         for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.segmentButton,
-                       self.ui.refineCollapsibleButton, self.ui.exportCollapsibleButton):
+                       self.ui.refineCollapsibleButton, self.ui.exportCollapsibleButton,
+                       self.ui.perfusionCollapsibleButton):
             widget.setEnabled(ready)
         if ready and self.logic is None:
             self._initializeLogic()
@@ -247,9 +256,11 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- module enter/exit and scene events ----------------------------------------------
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        for job in (self._job, self._perfusionJob):
+            if job is not None:
+                job.cancel()
         self._pollTimer.stop()
+        self._perfusionPollTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -263,8 +274,10 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        for job in (self._job, self._perfusionJob):
+            if job is not None:
+                job.cancel()
+        self._observePerfusionSegmentation(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -276,6 +289,7 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is not None:
             self.initializeParameterNode()
             self._refreshResultViews()
+            self._refreshPerfusionViews()
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def onNodeAdded(self, caller, event, node) -> None:
@@ -326,6 +340,7 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             set_probability_opacity(slicer.mrmlScene, self._parameterNode.probabilityVolume,
                                     self._parameterNode.probabilityOpacity)
+        self._observePerfusionSegmentation(self._parameterNode.perfusionSegmentation)
         self._updateButtons()
 
     # -- inputs, models, devices ---------------------------------------------------------
@@ -532,6 +547,103 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.summaryTableView.setMRMLTableNode(p.summaryTable)
         self.ui.statisticsTableView.setMRMLTableNode(p.statisticsTable)
 
+    # -- perfusion (raw 4D series) -------------------------------------------------------
+    def onPerfusionButton(self) -> None:
+        if self._perfusionJob is not None:
+            self._perfusionJob.cancel()
+            self.ui.perfusionStatusLabel.text = _("Cancelling...")
+            self.ui.perfusionButton.enabled = False
+            return
+        if not dependencies.is_ready(paths.requirements_file()) and not self.onInstallDependencies():
+            return
+        try:
+            job = self.logic.core.perfusion.create_job()  # voxel copies taken here, on the main thread
+        except Exception as exc:  # noqa: BLE001 - StrokeSegError messages are one line for the user
+            slicer.util.errorDisplay(str(exc), windowTitle=_("Cannot compute perfusion"))
+            return
+        self._perfusionJob = job.start()
+        self.ui.perfusionProgressBar.setVisible(True)
+        self.ui.perfusionProgressBar.value = 0
+        self.ui.perfusionStatusLabel.text = _("Computing perfusion maps...")
+        self._updateButtons()
+        self._perfusionPollTimer.start()
+
+    def _pollPerfusionJob(self) -> None:
+        job = self._perfusionJob
+        if job is None:
+            self._perfusionPollTimer.stop()
+            return
+        for event in job.poll():
+            self.ui.perfusionProgressBar.value = int(round(100 * event.fraction))
+            self.ui.perfusionStatusLabel.text = event.message
+        if not job.finished:
+            return
+        self._perfusionPollTimer.stop()
+        self._perfusionJob = None
+        self.ui.perfusionProgressBar.setVisible(False)
+        if job.cancelled:
+            self.ui.perfusionStatusLabel.text = _("Cancelled.")
+        elif job.error:
+            if job.details:
+                logging.error(job.details)
+            self.ui.perfusionStatusLabel.text = job.error
+            slicer.util.errorDisplay(job.error, windowTitle=_("Perfusion failed"))
+        else:
+            with slicer.util.tryWithErrorDisplay(_("Could not show the perfusion result."), waitCursor=True):
+                series = slicer.mrmlScene.GetNodeByID(job.series_node_id)
+                report = self.logic.core.perfusion.apply_result(job.result, series)
+                self._log(_("Perfusion done in {seconds:.1f} s").format(seconds=job.finished_at - job.started_at))
+                self._showPerfusionSummary(report)
+                self._refreshPerfusionViews()
+        self._updateButtons()
+
+    def _showPerfusionSummary(self, report) -> None:
+        def number(key, unit=""):
+            value = report.get(key)
+            return _("n/a") if value is None else f"{value:.2f}{unit}"
+
+        self.ui.perfusionStatusLabel.text = _(
+            "Core {core}, penumbra {penumbra}, mismatch {mismatch} (ratio {ratio}), HIR {hir}. Research use only.").format(
+            core=number("core_ml", " mL"), penumbra=number("penumbra_ml", " mL"), mismatch=number("mismatch_ml", " mL"),
+            ratio=number("mismatch_ratio"), hir=number("hir"))
+
+    def _refreshPerfusionViews(self) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        self.ui.perfusionTableView.setMRMLTableNode(p.perfusionTable)
+        self._observePerfusionSegmentation(p.perfusionSegmentation)
+
+    def _observePerfusionSegmentation(self, node) -> None:
+        """Statistics follow edits of the core and penumbra segments (after the editing rests)."""
+        if node is self._observedPerfusionSegmentation:
+            return
+        if self._observedPerfusionSegmentation is not None:
+            self.removeObserver(self._observedPerfusionSegmentation, slicer.vtkSegmentation.SegmentModified,
+                                self._onPerfusionSegmentModified)
+        self._observedPerfusionSegmentation = node
+        if node is not None:
+            self.addObserver(node, slicer.vtkSegmentation.SegmentModified, self._onPerfusionSegmentModified)
+
+    def _onPerfusionSegmentModified(self, caller=None, event=None) -> None:
+        if self._perfusionJob is None:
+            self._perfusionStatisticsTimer.start()
+
+    def _updatePerfusionStatistics(self) -> None:
+        if self.logic is not None and self.logic.core.perfusion.has_result():
+            with slicer.util.tryWithErrorDisplay(_("Could not compute the perfusion statistics."), waitCursor=False):
+                self._showPerfusionSummary(self.logic.core.perfusion.update_statistics())
+
+    def onPerfusionExport(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
+            folder = self._parameterNode.exportDirectory
+            if str(folder) in ("", "."):
+                raise ValueError(_("Choose an export folder first (Export section)."))
+            written = self.logic.core.perfusion.export(folder / "perfusion")
+            self._log(_("Exported: ") + ", ".join(str(p) for p in written.values()))
+            slicer.util.showStatusMessage(_("Perfusion results exported to {folder}").format(folder=folder / "perfusion"),
+                                          5000)
+
     def onUndo(self) -> None:
         self._restoreHistory(self.logic.core.undo)
 
@@ -571,6 +683,14 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.editStatusLabel.text = str(exc)
         self.ui.undoButton.enabled = canUndo
         self.ui.redoButton.enabled = canRedo
+        perfusionRunning = self._perfusionJob is not None
+        self.ui.perfusionButton.text = _("Cancel") if perfusionRunning else _("Compute perfusion")
+        self.ui.perfusionButton.enabled = True
+        hasPerfusion = self.logic is not None and self.logic.core.perfusion.has_result()
+        self.ui.perfusionExportButton.enabled = hasPerfusion and not perfusionRunning
+        for widget in (self.ui.perfusionSeriesSelector, self.ui.perfusionKindComboBox, self.ui.perfusionTeSpinBox,
+                       self.ui.perfusionAifSelector, self.ui.perfusionThresholdsGroupBox):
+            widget.enabled = not perfusionRunning
 
     def _log(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)

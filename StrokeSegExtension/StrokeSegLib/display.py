@@ -82,3 +82,42 @@ def style_segmentation(segmentation_node: Any) -> None:
     display.SetVisibility2DOutline(True)
     display.SetOpacity2DFill(0.25)
     display.SetOpacity2DOutline(1.0)
+
+
+# -- perfusion maps ------------------------------------------------------------------------------
+# Slicer's built-in colour nodes, as perfusion software shows the maps: a PET-style rainbow on
+# black for flow and volume (low = dark, so a core reads as a hole), a rainbow for the times
+# (long = red, so delay stands out). Fixed physiological windows, so maps of different patients
+# look alike: healthy grey matter CBF ~50-60 mL/100g/min, CBV ~4-5 mL/100g, MTT ~4 s, Tmax < 2 s
+# (hypoperfusion from 6 s, severe from 10 s). TTP depends on the injection, so its window comes
+# from the data. (colour node ids in preference order, window minimum, window maximum)
+MAP_DISPLAY = {
+    "cbf": (("vtkMRMLPETProceduralColorNodePET-Rainbow2", "vtkMRMLColorTableNodeRainbow"), 0.0, 60.0),
+    "cbv": (("vtkMRMLPETProceduralColorNodePET-Rainbow2", "vtkMRMLColorTableNodeRainbow"), 0.0, 6.0),
+    "mtt": (("vtkMRMLColorTableNodeRainbow",), 0.0, 12.0),
+    "tmax": (("vtkMRMLColorTableNodeRainbow",), 0.0, 12.0),
+    "ttp": (("vtkMRMLColorTableNodeRainbow",), None, None),
+}
+
+
+def style_perfusion_map(scene: Any, node: Any, key: str) -> tuple[float, float]:
+    """Colour map and window of a perfusion map volume; returns the (min, max) window."""
+    colors, lo, hi = MAP_DISPLAY[key]
+    display = node.GetDisplayNode()
+    if display is None:
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+    color = next((scene.GetNodeByID(c) for c in colors if scene.GetNodeByID(c) is not None), None)
+    if color is not None:
+        display.SetAndObserveColorNodeID(color.GetID())
+    if lo is None or hi is None:
+        import slicer
+
+        values = slicer.util.arrayFromVolume(node)
+        inside = values[values > 0]
+        lo, hi = (float(np.percentile(inside, 2)), float(np.percentile(inside, 98))) if inside.size else (0.0, 1.0)
+        hi = max(hi, lo + 1e-3)
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(float(lo), float(hi))
+    display.SetInterpolate(False)  # voxels as computed: the maps are read value by value
+    return float(lo), float(hi)

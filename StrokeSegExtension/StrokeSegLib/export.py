@@ -122,3 +122,60 @@ def export_results(request: ExportRequest) -> dict[str, Path]:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
+
+
+# -- perfusion -----------------------------------------------------------------------------------
+PERFUSION_SEGMENTATION_FILE = "perfusion.seg.nrrd"
+# The measures of report.csv, with their units: the engine's perfusion report keys.
+PERFUSION_CSV_ROWS = (("core_ml", "mL"), ("penumbra_ml", "mL"), ("hypoperfusion_ml", "mL"), ("mismatch_ml", "mL"),
+                      ("mismatch_ratio", ""), ("hir", ""), ("tmax_severe_ml", "mL"))
+
+
+def perfusion_csv(report: Mapping[str, Any]) -> str:
+    """report.csv of a perfusion result: one row per measure (measure, value, unit), thresholds last."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["measure", "value", "unit"])
+    for key, unit in PERFUSION_CSV_ROWS:
+        if key in report:
+            writer.writerow([key, "" if report[key] is None else report[key], unit])
+    for key, value in (report.get("thresholds") or {}).items():
+        writer.writerow([f"threshold_{key}", "" if value is None else value, ""])
+    writer.writerow(["edited", bool(report.get("edited")), ""])
+    return buf.getvalue()
+
+
+def export_perfusion(out_dir: Path, maps: Mapping[str, Any], masks: Mapping[str, np.ndarray], segmentation: Any,
+                     report: Mapping[str, Any]) -> dict[str, Path]:
+    """Maps (``<key>.nii.gz``, float32), ``core``/``penumbra.nii.gz`` (uint8), ``perfusion.seg.nrrd``,
+    ``report.json`` and ``report.csv`` into ``out_dir``: the command line's file names, staged and
+    moved into place only when all were written."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".strokeseg-export-", dir=out_dir))
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from None
+    try:
+        written: dict[str, Path] = {}
+        grid = None
+        for key, node in maps.items():
+            image = image_from_volume(node)
+            grid = grid or image
+            written[key] = write_image(image.with_array(image.array.astype(np.float32)), stage / f"{key}.nii.gz")
+        for key, mask in masks.items():
+            written[key] = write_image(grid.with_array((np.asarray(mask) > 0).astype(np.uint8)), stage / f"{key}.nii.gz")
+        written["segmentation"] = write_segmentation_file(segmentation, stage / PERFUSION_SEGMENTATION_FILE)
+        written["report_json"] = write_text(json.dumps(report, indent=2), stage / REPORT_JSON)
+        written["report_csv"] = write_text(perfusion_csv(report), stage / REPORT_CSV)
+        final = {}
+        for key, path in written.items():
+            target = out_dir / path.name
+            os.replace(path, target)
+            final[key] = target
+        return final
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

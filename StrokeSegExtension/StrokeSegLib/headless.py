@@ -33,6 +33,7 @@ class SlicerContext:
     volumes_logic: Any
     segmentations_logic: Any
     _keep: list = field(default_factory=list, repr=False)  # logics that must outlive the scene users
+    sequences_logic: Any = None
 
     # -- loading -------------------------------------------------------------------------
     def load_volume(self, path: str | Path, name: str | None = None):
@@ -44,6 +45,24 @@ class SlicerContext:
         if node is None:
             raise InputError(path, "Slicer's volumes logic could not read this file")
         return node
+
+    def load_sequence(self, path: str | Path, name: str | None = None, *, browse: bool = True):
+        """A Sequence node read by the Sequences logic (``.seq.nrrd``: a 4D series), with a browser
+        and its proxy volume as Slicer's Sequences reader sets them up when ``browse``."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(path, "file not found")
+        sequence = self.sequences_logic.AddSequence(str(path))
+        if sequence is None or sequence.GetNumberOfDataNodes() == 0:
+            raise InputError(path, "Slicer's sequences logic could not read this file")
+        if name:
+            sequence.SetName(name)
+        if browse:
+            browser = self.scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode",
+                                                   self.scene.GenerateUniqueName(f"{sequence.GetName()} browser"))
+            browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+            self.sequences_logic.UpdateProxyNodesFromSequences(browser)
+        return sequence
 
     def load_dicom_series(self, files: Sequence[str | Path], name: str | None = None):
         """A scalar volume node from the files of one DICOM series (see :func:`load_dicom_series`)."""
@@ -80,6 +99,16 @@ class SlicerContext:
             ok = self.scene.ReadFromMRB(str(path), clear)
         if not ok:
             raise InputError(path, "not a readable Slicer scene bundle")
+
+
+def write_sequence(sequence: Any, path: str | Path) -> Path:
+    """A Sequence node of volumes as a ``.seq.nrrd`` file (Slicer's volume sequence storage node)."""
+    path = Path(path)
+    storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.WriteData(sequence):
+        raise OutputError(f"{path}: the sequence could not be written")
+    return path
 
 
 def load_dicom_series(volumes_logic: Any, files: Sequence[str | Path], name: str | None = None):
@@ -168,7 +197,7 @@ def create_context(cache_dir: str | Path | None = None) -> SlicerContext:
 
     volumes = register(slicer.vtkSlicerVolumesLogic(), "Volumes")
     segmentations = register(slicer.vtkSlicerSegmentationsModuleLogic(), "Segmentations")
-    register(slicer.vtkSlicerSequencesLogic(), "Sequences")
+    sequences = register(slicer.vtkSlicerSequencesLogic(), "Sequences")
     register(slicer.vtkSlicerSubjectHierarchyModuleLogic(), "SubjectHierarchy")
 
     # Remote IO and the cache manager: vtkMRMLScene::ReadFromMRB unpacks into the cache folder.
@@ -183,4 +212,4 @@ def create_context(cache_dir: str | Path | None = None) -> SlicerContext:
     data_io.SetAndObserveDataIOManager(remote.GetDataIOManager())
     remote.AddDataIOToScene()
     keep += [remote, data_io]
-    return SlicerContext(scene, app, volumes, segmentations, keep)
+    return SlicerContext(scene, app, volumes, segmentations, keep, sequences)

@@ -28,6 +28,7 @@ from .export import ExportRequest, export_results
 from .jobs import SegmentationJob
 from .lesionmask import LesionMask, MaskUpdate, settings_from_parameters
 from .parameters import StrokeSegParameters, get_parameter_node
+from .perfusion import PerfusionLogic
 from .segmentation import EDITED_TAG, ROLE_TAG, add_segment, create_segmentation, get_tag, read_mask, write_mask
 from .statistics import update_tables
 from .terminology import TERMS
@@ -44,6 +45,7 @@ class StrokeSegLogic:
         self.file_for_instance = file_for_instance
         self._mask: LesionMask | None = None
         self._mask_key: tuple | None = None
+        self.perfusion = PerfusionLogic(scene, file_for_instance=file_for_instance)  # the raw-4D path
 
     # -- parameters ----------------------------------------------------------------------
     @property
@@ -59,6 +61,7 @@ class StrokeSegLogic:
         """Detect every volume's modality and fill the input slots (empty ones unless ``overwrite``)."""
         found = detection.detect_scene(self.scene, self.file_for_instance)
         detection.fill_inputs(self.params, found, overwrite=overwrite)
+        self.perfusion.fill_series()
         return found
 
     def input_nodes(self) -> dict[str, Any]:

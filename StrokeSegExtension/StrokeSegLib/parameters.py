@@ -20,6 +20,26 @@ MODULE_NAME = "StrokeSeg"
 VOLUME_CLASS = "vtkMRMLScalarVolumeNode"
 SEQUENCE_CLASS = "vtkMRMLSequenceNode"
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PERFUSION_KINDS = ("auto", "ct", "mr")
+# An arterial input given by hand: a point (markups, inside Slicer) or a mask (label map, segmentation).
+AIF_CLASSES = ("vtkMRMLMarkupsFiducialNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode")
+MAP_KEYS = ("cbf", "cbv", "mtt", "tmax", "ttp")
+# Threshold parameter -> (strokeseg.perfusion.Thresholds field, default).
+PERFUSION_THRESHOLDS = {
+    "perfusionCoreRcbf": "core_rcbf",
+    "perfusionAdcCore": "adc_core",
+    "perfusionTmaxS": "tmax_hypo_s",
+    "perfusionTmaxSevereS": "tmax_severe_s",
+    "perfusionMinCoreMl": "min_core_ml",
+    "perfusionMinHypoMl": "min_hypo_ml",
+}
+PERFUSION_THRESHOLD_DEFAULTS = {"core_rcbf": 0.30, "adc_core": 620.0, "tmax_hypo_s": 6.0, "tmax_severe_s": 10.0,
+                                "min_core_ml": 0.5, "min_hypo_ml": 1.0}
+
+
+def map_parameter_name(key: str) -> str:
+    """``tmax`` -> ``perfusionTmax``: the parameter holding a computed perfusion map."""
+    return "perfusion" + key[:1].upper() + key[1:]
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,35 @@ def _input_parameters() -> list[Parameter]:
     return params
 
 
+def _perfusion_parameters() -> list[Parameter]:
+    """Settings of the raw-4D perfusion pipeline and its results. The threshold defaults are those of
+    ``strokeseg.perfusion.Thresholds``, written out because this module must import without the
+    engine's dependencies (SciPy, cc3d); a test checks that they agree."""
+    th = PERFUSION_THRESHOLD_DEFAULTS
+    return [
+        Parameter("perfusionSeries", "node", None, (SEQUENCE_CLASS, VOLUME_CLASS), doc="4D CT/MR perfusion series"),
+        Parameter("perfusionKind", "str", "auto", choices=PERFUSION_KINDS, doc="CT perfusion, DSC-MR or from the data"),
+        Parameter("perfusionTeMs", "float", 0.0, minimum=0.0, maximum=200.0, doc="MR echo time in ms (0: from the header)"),
+        Parameter("perfusionAif", "node", None, AIF_CLASSES, doc="arterial input by hand: point or mask (empty: automatic)"),
+        Parameter("perfusionUseAdc", "bool", True, doc="MR: core from the ADC slot when it is filled"),
+        Parameter("perfusionMotionCorrection", "bool", True, doc="register the frames before the analysis"),
+        Parameter("perfusionCoreRcbf", "float", th["core_rcbf"], minimum=0.0, maximum=1.0,
+                  doc="CT core: CBF below this fraction of the healthy hemisphere"),
+        Parameter("perfusionAdcCore", "float", th["adc_core"], minimum=0.0, maximum=3000.0,
+                  doc="MR core: ADC below this (10^-6 mm^2/s)"),
+        Parameter("perfusionTmaxS", "float", th["tmax_hypo_s"], minimum=0.0, maximum=30.0, doc="hypoperfusion: Tmax above this (s)"),
+        Parameter("perfusionTmaxSevereS", "float", th["tmax_severe_s"], minimum=0.0, maximum=30.0,
+                  doc="HIR numerator: Tmax above this (s)"),
+        Parameter("perfusionMinCoreMl", "float", th["min_core_ml"], minimum=0.0, maximum=50.0, doc="smallest core component (mL)"),
+        Parameter("perfusionMinHypoMl", "float", th["min_hypo_ml"], minimum=0.0, maximum=50.0,
+                  doc="smallest hypoperfused component (mL)"),
+        *[Parameter(map_parameter_name(k), "node", None, (VOLUME_CLASS,), doc=f"computed {k.upper()} map") for k in MAP_KEYS],
+        Parameter("perfusionSegmentation", "node", None, ("vtkMRMLSegmentationNode",), doc="core and penumbra"),
+        Parameter("perfusionTable", "node", None, ("vtkMRMLTableNode",), doc="core, penumbra, mismatch, HIR"),
+        Parameter("perfusionReport", "node", None, ("vtkMRMLTextNode",), doc="perfusion report (JSON)"),
+    ]
+
+
 PARAMETERS: tuple[Parameter, ...] = (
     *_input_parameters(),
     Parameter("autoDetectInputs", "bool", True, doc="fill empty input slots from modality detection"),
@@ -67,6 +116,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("report", "node", None, ("vtkMRMLTextNode",), doc="full report (JSON)"),
     Parameter("exportDirectory", "path", Path(""), doc="folder for exported results"),
     Parameter("exportDicomSeg", "bool", True, doc="also write DICOM SEG when the reference came from DICOM"),
+    *_perfusion_parameters(),
 )
 PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
 

@@ -116,3 +116,49 @@ def table_as_rows(table_node: Any) -> list[dict[str, str]]:
     return [
         {names[c]: table.GetValue(r, c).ToString() for c in range(len(names))} for r in range(table.GetNumberOfRows())
     ]
+
+
+# -- perfusion ---------------------------------------------------------------------------------
+# (report key, label, unit): the engine's perfusion report keys (strokeseg.perfusion.decision).
+PERFUSION_ROWS = (
+    ("core_ml", "Infarct core volume", "mL"),
+    ("penumbra_ml", "Penumbra volume (hypoperfused minus core)", "mL"),
+    ("hypoperfusion_ml", "Hypoperfused volume", "mL"),
+    ("mismatch_ml", "Mismatch volume", "mL"),
+    ("mismatch_ratio", "Mismatch ratio", ""),
+    ("hir", "Hypoperfusion intensity ratio", ""),
+    ("tmax_severe_ml", "Severely delayed volume", "mL"),
+)
+
+
+def perfusion_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """Summary rows of a perfusion report; a ratio without a denominator shows as n/a."""
+    rows = [[label, "n/a" if report.get(key) is None else _format(report[key]), unit]
+            for key, label, unit in PERFUSION_ROWS if key in report]
+    th = report.get("thresholds") or {}
+    if "core_method" in report:
+        rows.append(["Core", str(report["core_method"]), ""])
+    if "hypoperfusion_method" in report:
+        rows.append(["Hypoperfusion", str(report["hypoperfusion_method"]), ""])
+    if "tmax_severe_s" in th:
+        rows.append(["HIR numerator", f"Tmax > {float(th['tmax_severe_s']):g} s", ""])
+    kind = (report.get("input") or {}).get("kind")
+    if kind:
+        rows.append(["Modality", {"ct": "CT perfusion", "mr": "DSC-MR perfusion"}.get(kind, kind), ""])
+    if report.get("healthy_hemisphere"):
+        rows.append(["Reference hemisphere", str(report["healthy_hemisphere"]), ""])
+    d3 = report.get("defuse3_style") or {}
+    if "target_mismatch_profile" in d3:
+        rows.append(["DEFUSE 3-style target mismatch (research use only)",
+                     "yes" if d3["target_mismatch_profile"] else "no", ""])
+    if report.get("edited"):
+        rows.append(["Edited by user", "yes", ""])
+    return rows
+
+
+def update_perfusion_table(scene: Any, report: Mapping[str, Any], table_node: Any = None):
+    """Fill (creating when None) the perfusion summary table; returns it."""
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("StrokeSeg perfusion"))
+    _fill(table_node, SUMMARY_COLUMNS, perfusion_rows(report))
+    return table_node

@@ -256,3 +256,23 @@ def add_volume_from_image(
     node.CreateDefaultDisplayNodes()
     return node
 
+
+
+def add_sequence_from_image(scene: Any, image: Image, name: str) -> Any:
+    """A 4D image (frame times in ``meta["times"]``, seconds) as a Sequence node of scalar volumes."""
+    if not image.is_4d:
+        raise ValueError("add_sequence_from_image takes a 4D image")
+    times = image.meta.get("times")
+    if times is None or len(times) != image.array.shape[0]:
+        raise InputError(image.meta.get("source") or name, "4D image without one frame time per frame")
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", scene.GenerateUniqueName(name))
+    sequence.SetIndexName("time")
+    sequence.SetIndexUnit("s")
+    sequence.SetIndexType(sequence.NumericIndex)
+    matrix = ijk_to_ras_from_image(image)
+    for k, t in enumerate(times):
+        frame = slicer.vtkMRMLScalarVolumeNode()
+        slicer.util.updateVolumeFromArray(frame, np.ascontiguousarray(image.array[k]))
+        _set_ijk_to_ras(frame, matrix)
+        sequence.SetDataNodeAtValue(frame, repr(float(t)))
+    return sequence

@@ -60,3 +60,31 @@ def synthetic_result(reference, truth, *, sigma: float = 1.0, settings=None):
     report = lesion_report(mask, probability, reference=reference, model={"id": "synthetic", "version": "0"},
                            settings=dict(settings.__dict__))
     return SegmentationResult(probability, mask, report, card, settings)
+
+
+# A small CT perfusion phantom (64 x 64 x 6 voxels, 25 frames, 2 s apart): seconds to analyse.
+PERFUSION_SEED = 3
+PERFUSION_OVERRIDES = dict(size=(64, 64, 6), frames=25, dt=2.0, motion=False, lesion=True, compute_maps=False)
+
+
+def perfusion_series_file(cache, lesion_library: Path | None) -> Path:
+    """The phantom's 4D series as a ``.seq.nrrd`` written by Slicer's volume sequence storage node
+    (what saving a Sequence in Slicer writes), simulated once per cache."""
+    from strokeseg.phantom.perfusion import GENERATOR_VERSION, simulate_perfusion
+
+    from StrokeSegLib.headless import create_context, write_sequence
+    from StrokeSegLib.volumes import add_sequence_from_image
+
+    source = "soop" if lesion_library is not None else "procedural"
+    root = Path(cache.mkdir(f"strokeseg-slicer-ctp-{GENERATOR_VERSION}-{source}-{PERFUSION_SEED}"))
+    path = root / "ctp.seq.nrrd"
+    if path.is_file():
+        return path
+    case = simulate_perfusion(PERFUSION_SEED, "ctp", lesion_library, "test" if lesion_library is not None else None,
+                              **PERFUSION_OVERRIDES)
+    ctx = create_context(root / "cache")
+    sequence = add_sequence_from_image(ctx.scene, case.images["ctp"], "ctp")
+    tmp = root / f".{path.name}"
+    write_sequence(sequence, tmp)
+    tmp.replace(path)  # complete files only, for the next run
+    return path
