@@ -53,14 +53,25 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise StrokeSegError(f"--count must be at least 1, got {args.count}")
     if args.modality in ("ctp", "pwi"):
+        if args.grid is not None or args.skull_strip is not None or args.deface is not None:
+            raise StrokeSegError(f"phantom --modality {args.modality}: --grid/--skull-strip/--deface do not apply to perfusion")
         from .perfusion.cli import run_phantom
 
         for p in run_phantom(args):
             print(p)
         return 0
+    options = {}
+    if args.grid is not None:
+        options["grid"] = args.grid
+    if args.modality in ("t1", "siss"):
+        for name in ("skull_strip", "deface"):
+            if getattr(args, name) is not None:
+                options[name] = getattr(args, name)
+    elif args.skull_strip is not None or args.deface is not None:
+        raise StrokeSegError(f"phantom --modality {args.modality}: --skull-strip/--deface apply to t1 and siss phantoms")
     try:
         paths = generate_cases(args.modality, args.seed, args.out, count=args.count, lesion_library=library,
-                               split=args.split, progress=not args.quiet)
+                               split=args.split, progress=not args.quiet, **options)
     except ValueError as exc:  # e.g. a modality whose phantoms are not available yet
         raise StrokeSegError(f"phantom --modality {args.modality}: {exc}") from None
     for p in paths:
@@ -170,12 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     ph = sub.add_parser("phantom", help="simulate patients with known lesions")
-    ph.add_argument("--modality", required=True, choices=["dwi", "t1", "pwi", "ctp"])
+    ph.add_argument("--modality", required=True, choices=["dwi", "t1", "siss", "pwi", "ctp"],
+                    help="dwi: acute DWI (b0, dwi, adc); t1: chronic infarct on T1 (ATLAS-like); siss: sub-acute "
+                         "infarct on t1, t2, flair and dwi, one grid (ISLES'15 SISS-like); pwi/ctp: perfusion")
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--out", required=True)
     ph.add_argument("--count", type=int, default=1)
     ph.add_argument("--lesion-library", default=None, help="folder of real lesion maps (e.g. ../shared/data/soop/lesions)")
     ph.add_argument("--split", choices=["train", "val", "test"], default=None, help="library shapes of one split only")
+    ph.add_argument("--grid", choices=["clinical", "iso"], default=None,
+                    help="dwi/t1/siss: oblique thick-slice clinical grid or isotropic (t1/siss: 1 mm 3D); default: drawn per case")
+    ph.add_argument("--skull-strip", action=argparse.BooleanOptionalAction, default=None,
+                    help="t1/siss: brain-extracted images (default: drawn per case for t1, always for siss)")
+    ph.add_argument("--deface", action=argparse.BooleanOptionalAction, default=None,
+                    help="t1/siss: remove the face (when not skull-stripped; default: drawn per case)")
     ph.add_argument("-q", "--quiet", action="store_true")
     ph.set_defaults(func=cmd_phantom)
 

@@ -42,11 +42,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+def _count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float | Sequence[float]) -> int:
     n = 1
-    for s, r in zip(shape, roi):
+    overlaps = overlap if isinstance(overlap, (tuple, list)) else [overlap] * len(shape)
+    for s, r, o in zip(shape, roi, overlaps):
         r = min(r, s)
-        step = max(int(r * (1 - overlap)), 1)
+        step = max(int(r * (1 - o)), 1)
         n *= max(math.ceil((s - r) / step), 0) + 1
     return n
 
@@ -74,7 +75,8 @@ def predict(
     inf = card.raw.get("inference", {})
     output = card.raw.get("output", {})
     roi = tuple(int(v) for v in reversed(inf.get("roi_size", card.patch_size)))  # card is (x,y,z)
-    overlap = float(inf.get("overlap", 0.5))
+    raw_overlap = inf.get("overlap", 0.5)  # one fraction, or (x, y, z) per axis (dense steps, paper 001)
+    overlap = tuple(float(v) for v in reversed(raw_overlap)) if isinstance(raw_overlap, list) else float(raw_overlap)
     tta = inf.get("mirror_tta", False) if mirror_tta is None else mirror_tta
     flips: list[tuple[int, ...]] = [()]
     if tta:  # all mirrorings of the three spatial axes of (N, C, z, y, x)

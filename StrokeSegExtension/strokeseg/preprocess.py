@@ -22,6 +22,7 @@ from .image import Image, grid_with_spacing, resample_to
 
 DEFAULT_B_VALUE = 1000.0
 ADC_SCALE = 1e6  # ADC maps are stored in 10^-6 mm^2/s, as scanners write them
+PERFUSION_MAPS = ("cbf", "cbv", "mtt", "tmax", "ttp")  # derivable from a raw ctp / pwi series
 
 
 @dataclass
@@ -68,11 +69,23 @@ def compute_adc(b0: Image, dwi: Image, b_value: float | None = None) -> Image:
 def derive_missing(images: Mapping[str, Image], card: Any, b_value: float | None = None) -> dict[str, Image]:
     """Add inputs the card can derive (``derivable``) but the case lacks."""
     out = dict(images)
+    perfusion: dict[str, dict[str, Image]] = {}  # one deconvolution per series, however many maps it gives
     for key, sources in (card.raw.get("derivable") or {}).items():
         if key in out or not all(s in out for s in sources):
             continue
         if key == "adc" and set(sources) == {"b0", "dwi"}:
             out["adc"] = compute_adc(out["b0"], out["dwi"], b_value)
+        elif key in PERFUSION_MAPS and len(sources) == 1 and sources[0] in ("ctp", "pwi"):
+            # Maps from the raw series by the engine's own deconvolution (the one that made the
+            # phantoms' maps a CTP model is trained on), so the raw 4D series alone suffices.
+            src = sources[0]
+            if src not in perfusion:
+                from .perfusion.pipeline import run_perfusion
+
+                maps = run_perfusion(out[src], kind="ct" if src == "ctp" else "mr").maps
+                perfusion[src] = {k: Image(v.array.astype(np.float32), v.spacing, v.origin, v.direction,
+                                           {"derived": f"{k} from {src} (strokeseg perfusion)"}) for k, v in maps.items()}
+            out[key] = perfusion[src][key]
         else:
             raise InputError(None, f"do not know how to derive '{key}' from {', '.join(sources)}")
     return out
@@ -143,14 +156,27 @@ def prepare(images: Mapping[str, Image], card: Any, *, b_value: float | None = N
     grid = canonical_grid(reference, tuple(card.target_spacing))
     norm = card.raw.get("normalisation", {})
     arrays = []
+    temporal = card.raw.get("temporal_reduction") or {}
     for key in channels:
         img = images[key]
         if key != card.reference_input:
             check_overlap(img, grid, key, card.reference_input)
+        if img.is_4d:  # a 4D series enters as one channel, reduced over time as the card says (paper 004)
+            if key not in temporal:
+                raise InputError(img.meta.get("source", key), f"{key} is 4D but the model card declares no temporal_reduction for it")
+            from .derived import temporal_reduction
+
+            img = temporal_reduction(img, temporal[key])
         if img.array.dtype not in (np.float32, np.float64):
             img = img.with_array(img.array.astype(np.float32))
         on_grid = resample_to(img, grid, linear=True)
         arrays.append(normalise(on_grid.array, norm.get(key, {"method": "zscore"})))
+    if card.raw.get("derived_channels"):  # e.g. mirrored inputs (paper 001): strokeseg.derived
+        from .derived import derive_channels
+
+        extra = derive_channels(dict(zip(channels, arrays)), grid, card.raw["derived_channels"])
+        arrays += list(extra.values())
+        channels += tuple(extra)
     return ModelInput(np.stack(arrays), grid, reference, channels)
 
 

@@ -336,7 +336,8 @@ def test_cli_phantom_writes_deterministic_case_folders(tmp_path):
                                   read_image(b / "dwi-00006" / "dwi.nii.gz").array)
 
 
-def test_cli_phantom_unavailable_modality_is_a_clear_error(tmp_path, capsys):
-    assert main(["phantom", "--modality", "t1", "--seed", "1", "--out", str(tmp_path / "x")]) == 2
+def test_cli_phantom_option_that_does_not_apply_is_a_clear_error(tmp_path, capsys):
+    assert main(["phantom", "--modality", "dwi", "--skull-strip", "--seed", "1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "t1" in err[0]
+    assert len(err) == 1 and "dwi" in err[0] and "--skull-strip" in err[0]
+    assert not (tmp_path / "x").exists()

@@ -51,5 +51,8 @@ def data_key(cfg: dict[str, Any], split: str) -> str:
 
     blob = json.dumps({"data": cfg["data"], "split": split, "generator": GENERATOR_VERSION,
                        "spacing": cfg["card"]["target_spacing"], "norm": cfg["card"].get("normalisation"),
-                       "inputs": cfg["card"]["inputs"]}, sort_keys=True)
+                       "inputs": cfg["card"]["inputs"],
+                       # only when present, so caches of configs without derived channels stay valid
+                       **({"derived": cfg["card"]["derived_channels"]} if cfg["card"].get("derived_channels") else {})},
+                      sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]

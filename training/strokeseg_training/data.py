@@ -46,16 +46,42 @@ def _library(cfg: dict[str, Any]) -> str | None:
     return str(p) if p.is_dir() else None
 
 
+STRUCTURAL_PHANTOMS = ("t1", "siss")  # data.modality values made by strokeseg.phantom.simulate_structural
+
+
+def _cache_key(cfg: dict[str, Any], split: str) -> str:
+    """``data_key``, plus the structural generator's version for t1/siss phantoms (other keys unchanged)."""
+    if cfg["data"].get("modality") not in STRUCTURAL_PHANTOMS:
+        return data_key(cfg, split)
+    from strokeseg.phantom import STRUCTURAL_VERSION
+
+    return data_key({**cfg, "data": {**cfg["data"], "_structural_generator": STRUCTURAL_VERSION}}, split)
+
+
 def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
     cfg, split, seed, cache_dir, case_root = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from strokeseg.phantom import simulate_dwi, write_case
 
     card = card_of(cfg)
-    case = simulate_dwi(seed, lesion_library=_library(cfg), split=split, **cfg["data"].get("phantom_options", {}))
+    if cfg["data"]["modality"] == "pwi":  # MR perfusion: the maps our deconvolution computes are the inputs
+        from strokeseg.phantom.perfusion import simulate_perfusion, write_perfusion_case
+
+        case = simulate_perfusion(seed, "pwi", _library(cfg), split, **cfg["data"].get("phantom_options", {}))
+        if "error" in case.info.get("computed", {}):
+            raise RuntimeError(f"pwi phantom {case.case_id}: no perfusion maps ({case.info['computed']['error']})")
+        write = write_perfusion_case
+    elif cfg["data"]["modality"] in STRUCTURAL_PHANTOMS:  # chronic T1 (ATLAS-like) / sub-acute T1-T2-FLAIR-DWI (SISS-like)
+        from strokeseg.phantom import simulate_structural
+
+        case = simulate_structural(cfg["data"]["modality"], seed, _library(cfg), split, **cfg["data"].get("phantom_options", {}))
+        write = write_case
+    else:
+        case = simulate_dwi(seed, lesion_library=_library(cfg), split=split, **cfg["data"].get("phantom_options", {}))
+        write = write_case
     npz = Path(cache_dir) / f"{case.case_id}.npz"
     if split != "train":
-        write_case(case, case_root)
+        write(case, case_root)
     inputs = {k: v for k, v in case.images.items() if k in card.required or k in card.optional}
     prepared = prepare(inputs, card)
     label = label_on_grid(case.lesion, prepared.model_grid)
@@ -77,7 +103,7 @@ def build_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tuple[l
     data = cfg["data"]
     n = int(data[f"n_{split}"])
     seed0 = int(data.get("seed", 0)) + SPLIT_SEED_OFFSET[split]
-    root = Path(data.get("cache_dir") or DEFAULT_RUNS / "cache") / f"{cfg['data']['modality']}-{split}-{data_key(cfg, split)}"
+    root = Path(data.get("cache_dir") or DEFAULT_RUNS / "cache") / f"{cfg['data']['modality']}-{split}-{_cache_key(cfg, split)}"
     cache_dir, case_root = root / "npz", root / "cases"
     cache_dir.mkdir(parents=True, exist_ok=True)
     case_root.mkdir(parents=True, exist_ok=True)

@@ -120,7 +120,9 @@ def _key(cfg: dict[str, Any], source: str, root: Path) -> str:
     card = cfg["card"]
     blob = json.dumps({"v": REALDATA_VERSION, "source": source, "root": str(root), "options": cfg["data"].get("options", {}),
                        "label": _label_name(cfg), "inputs": card["inputs"], "derivable": card.get("derivable", {}),
-                       "spacing": card["target_spacing"], "norm": card.get("normalisation")}, sort_keys=True, default=str)
+                       "spacing": card["target_spacing"], "norm": card.get("normalisation"),
+                       **({"derived": card["derived_channels"]} if card.get("derived_channels") else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 

@@ -196,3 +196,79 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     if world > 1:
         dist.destroy_process_group()
     return out
+
+
+# -- a plain single-process loop for the paper recipes (recipes/paper00*.py) ------------------
+
+
+def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Optimizer, *, steps: int, out: Path,
+        device: torch.device, val_fn: Any, val_every: int = 250, schedule: Any = None, max_minutes: float | None = None,
+        patience: int | None = None, best: float = -math.inf, log_name: str = "log.csv",
+        weights_name: str = "best.safetensors", desc: str = "training") -> dict[str, Any]:
+    """Train ``net`` for ``steps`` steps: ``next_batch() -> (x, y)``, ``loss_fn(net(x), y)``;
+    every ``val_every`` steps ``val_fn(net)`` (higher is better) and the weights are saved to
+    ``out/weights_name`` when it beats ``best``; ``schedule(step, progress)`` may set learning rate
+    or momentum; ``patience`` validation rounds without improvement stop early (paper 001's early
+    stopping); ``max_minutes`` caps the time. The log is ``out/log_name`` (step, loss, lr, val)."""
+    log = out / log_name
+    log.write_text("step,loss,lr,val,elapsed_s\n")
+    t0 = time.time()
+    budget = float(max_minutes) * 60 if max_minutes else math.inf
+    smoothed, rounds_without, step = None, 0, -1
+    net.to(device).train()
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for step in bar:
+        if schedule is not None:
+            schedule(step, max(step / max(steps, 1), (time.time() - t0) / budget))
+        x, y = next_batch()
+        loss = loss_fn(net(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+        last = step + 1 == steps or time.time() - t0 > budget
+        val = ""
+        if (step + 1) % max(int(val_every), 1) == 0 or last:
+            net.eval()
+            with torch.no_grad():
+                score = float(val_fn(net))
+            net.train()
+            val = f"{score:.5f}"
+            if score > best:
+                best, rounds_without = score, 0
+                save_weights(net, out / weights_name)
+            else:
+                rounds_without += 1
+            if patience is not None and rounds_without >= patience:
+                last = True
+        with log.open("a") as f:
+            f.write(f"{step + 1},{smoothed:.5f},{opt.param_groups[0]['lr']:.3e},{val},{time.time() - t0:.1f}\n")
+        bar.set_postfix(loss=f"{smoothed:.3f}", best=f"{best:.3f}")
+        if last:
+            break
+    if not (out / weights_name).is_file():  # never validated better than the given best: keep the last
+        save_weights(net, out / weights_name)
+    return {"steps_done": step + 1, "best_val": best, "duration_s": time.time() - t0}
+
+
+def recipe_setup(cfg: dict[str, Any]) -> tuple[Path, Any, list, list, torch.device, np.random.Generator]:
+    """What every paper recipe starts with: run folder (stale best weights removed: recipes do
+    not resume), card, training and validation volumes, device, seeded generator."""
+    tc = cfg["train"]
+    torch.manual_seed(int(tc.get("seed", 0)))
+    rng = np.random.default_rng(int(tc.get("seed", 0)))
+    out = run_dir(cfg)
+    (out / "best.safetensors").unlink(missing_ok=True)
+    workers = int(cfg["data"].get("workers", 2))
+    train_files, _ = build_split(cfg, "train", workers=workers)
+    val_files, _ = build_split(cfg, "val", workers=workers)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return (out, card_of(cfg), load_volumes(train_files), load_volumes(val_files[: int(tc.get("val_volumes", 8))]),
+            dev, rng)
+
+
+def write_summary(out: Path, device: torch.device, steps_done: int, duration_s: float, best: float, **extra: Any) -> None:
+    """``train_summary.json``, the file tune / evaluate / export read (same keys as :func:`train`)."""
+    (out / "train_summary.json").write_text(json.dumps(
+        {"steps_done": int(steps_done), "best_val_dice": best, "duration_s": duration_s, "device": str(device),
+         "world_size": 1, **extra}, indent=2, default=float))

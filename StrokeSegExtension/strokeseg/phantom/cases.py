@@ -77,6 +77,16 @@ def lesion_on_grid(region: Region | None, pose: acqm.SubjectPose, ref: Image, th
     return frac
 
 
+def territory_summary(region: Region | None, terr) -> tuple[list[str], dict[str, float]]:
+    """Arterial territories a lesion lies in: (names holding >= 5% of it, largest first; mL per
+    territory at template scale). Ventricle labels of the atlas are not arterial territories."""
+    terr_ml = label_volumes(region, terr) if region is not None else {}
+    terr_ml = {k: v for k, v in terr_ml.items() if "ventricle" not in k}
+    named = sorted((k for k, v in terr_ml.items() if v >= max(0.02, 0.05 * sum(terr_ml.values()))),
+                   key=lambda k: -terr_ml[k])
+    return named, terr_ml
+
+
 def _hemispheres(region: Region | None) -> list[str]:
     if region is None:
         return []
@@ -232,11 +242,8 @@ def simulate_dwi(seed: int, lesion_library: str | Path | None = None, split: str
         flair_info = {**facq.as_dict(), "te_ms": round(c_fl.te, 2), "tr_ms": round(c_fl.tr, 1), "ti_ms": round(c_fl.ti, 1)}
 
     n_lesions = int(cc3d.connected_components(mask, connectivity=26, return_N=True)[1]) if mask.any() else 0
-    terr_ml = label_volumes(acute.region, terr) if acute.region is not None else {}
     total_1mm = acute.region.volume_ml * pose.volume_factor if acute.region is not None else 0.0
-    terr_ml = {k: v for k, v in terr_ml.items() if "ventricle" not in k}  # not an arterial territory
-    named = sorted((k for k, v in terr_ml.items() if v >= max(0.02, 0.05 * sum(terr_ml.values()))),
-                   key=lambda k: -terr_ml[k])
+    named, terr_ml = territory_summary(acute.region, terr)
     info = {
         "case_id": case_id_for(seed, split),
         "modality": "dwi",
@@ -285,16 +292,24 @@ def write_case(case: PhantomCase, out_dir: str | Path) -> Path:
 
 def generate_cases(modality: str, seed: int, out_dir: str | Path, count: int = 1, lesion_library=None,
                    split: str | None = None, progress: bool = True, **kw: Any) -> list[Path]:
-    """Write ``count`` cases; case k uses seed + k. Only ``modality="dwi"`` exists so far."""
-    if modality not in MODALITIES:
-        raise ValueError(f"phantom modality {modality!r} is not available yet (only 'dwi'; perfusion and T1 phantoms come later)")
+    """Write ``count`` cases; case k uses seed + k. ``modality``: "dwi" (acute DWI), "t1" (chronic
+    T1, ATLAS-like) or "siss" (sub-acute T1/T2/FLAIR/DWI, ISLES'15 SISS-like); perfusion phantoms
+    have their own ``generate_perfusion_cases``."""
+    from .structural import STRUCTURAL_MODALITIES, simulate_structural
+
+    if modality not in MODALITIES + STRUCTURAL_MODALITIES:
+        raise ValueError(f"phantom modality {modality!r} is not available yet in generate_cases (choose from "
+                         f"{', '.join(MODALITIES + STRUCTURAL_MODALITIES)}; perfusion: generate_perfusion_cases)")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     from tqdm import tqdm
 
     out = []
     for k in tqdm(range(count), desc=f"phantom {modality}", unit="case", disable=not progress):
-        case = simulate_dwi(seed + k, lesion_library=lesion_library, split=split, **kw)
+        if modality == "dwi":
+            case = simulate_dwi(seed + k, lesion_library=lesion_library, split=split, **kw)
+        else:
+            case = simulate_structural(modality, seed + k, lesion_library=lesion_library, split=split, **kw)
         out.append(write_case(case, out_dir))
     return out
 

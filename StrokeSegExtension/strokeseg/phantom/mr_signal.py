@@ -127,7 +127,7 @@ def signal_maps(head: HeadModel, crop: tuple[slice, ...], tp: TissueParams, cont
         outs.append(s)
 
     def modify(region: Region, weight: np.ndarray, t2=None, t2_scale=None, adc=None, adc_scale=None,
-               replace_csf=False):
+               replace_csf=False, t1_scale=None):
         got = _intersect(crop, region.slices)
         if got is None:
             return
@@ -148,8 +148,9 @@ def signal_maps(head: HeadModel, crop: tuple[slice, ...], tp: TissueParams, cont
                 adcn = par["adc"] * adc_scale[in_reg][sel]
             else:
                 adcn = par["adc"] * (adc_scale or 1.0)
-            # T1 rises with T2 in oedema and gliosis (both follow the water content).
-            t1n = par["t1"] * np.clip(t2n / par["t2"], 1.0, 1.6) ** 0.5
+            # T1 rises with T2 in oedema and gliosis (both follow the water content), unless the
+            # caller fixes it (the structural phantoms draw the gliotic T1 prolongation per case).
+            t1n = par["t1"] * (t1_scale if t1_scale is not None else np.clip(t2n / par["t2"], 1.0, 1.6) ** 0.5)
         for s, contrast in zip(outs, contrasts):
             before = tot * contrast(par["pd"], par["t1"], par["t2"], par["adc"])
             if replace_csf:
@@ -163,8 +164,11 @@ def signal_maps(head: HeadModel, crop: tuple[slice, ...], tp: TissueParams, cont
         if d.kind in ("wmh", "t2_shine_through"):
             modify(d.region, d.region.values, t2=d.params["t2_ms"], adc_scale=d.params["adc_scale"])
         elif d.kind in ("old_infarct", "old_lacune"):
-            modify(d.region, np.clip(d.region.values - d.core, 0, 1), t2=d.params["gliosis_t2_ms"], adc=d.params["gliosis_adc"])
+            modify(d.region, np.clip(d.region.values - d.core, 0, 1), t2=d.params["gliosis_t2_ms"], adc=d.params["gliosis_adc"],
+                   t1_scale=d.params.get("gliosis_t1_scale"))
             modify(d.region, d.core, replace_csf=True)
+        elif d.kind == "ex_vacuo":  # parenchyma lost to an enlarged ventricle / widened sulcus
+            modify(d.region, d.region.values, replace_csf=True)
     if acute.region is not None:
         modify(acute.region, acute.region.values, t2_scale=acute.t2_scale, adc_scale=acute.adc_scale)
     for s in outs:

@@ -393,12 +393,14 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
     Overrides: ``size`` (x, y, z voxels), ``spacing`` (x, y, z mm), ``thickness`` (mm),
     ``frames``, ``dt`` (s), ``tilt_deg``, ``motion`` (bool), ``noise`` (CT: HU SD per voxel; MR:
     baseline white-matter SNR), ``lesion`` (True | False: a core or a healthy control),
-    ``te_ms`` (MR), ``atlas``, ``compute_maps`` (bool, default True: run our deconvolution).
+    ``te_ms`` (MR), ``atlas``, ``compute_maps`` (bool, default True: run our deconvolution),
+    ``dwi`` (CT only, bool, default False: add a b1000 DWI of the same subject and core on the
+    CT grid, the target of CTP -> DWI synthesis as in ISLES 2018; every other output unchanged).
     """
     if modality not in MODALITIES:
         raise ValueError(f"perfusion phantom modality must be one of {MODALITIES}, got {modality!r}")
     known = {"size", "spacing", "thickness", "frames", "dt", "tilt_deg", "motion", "noise", "lesion", "te_ms",
-             "atlas", "compute_maps"}
+             "atlas", "compute_maps", "dwi"}
     unknown = set(overrides) - known
     if unknown:
         raise TypeError(f"simulate_perfusion got unknown overrides: {sorted(unknown)}")
@@ -643,6 +645,10 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
         images["dwi"] = dref.with_array(np.clip(np.round(dwi), 0, 32767).astype(np.int16))
         images["adc"] = dref.with_array(np.round(adc).astype(np.int16))
 
+    # CT with ``dwi``: the follow-up DWI of ISLES 2018, on the CT grid. Drawn from the otherwise
+    # unused "dwi" stream after everything else, so every other output stays bit-identical.
+    dwi_info = _ct_dwi(images, rng["dwi"], head, crop, pose, ref, acq, acute, atrophy) if ct and overrides.get("dwi") else None
+
     # Truth on the series grid.
     tissue_truth = (tissue_f >= 0.5) & (vessel < 0.2)
     tmax_true = np.where(tissue_vox, delay + residue_peak_time(mtt, beta), 0.0).astype(np.float32)
@@ -703,10 +709,33 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
         "subject": pose.info,
         "times_s": [round(float(t), 4) for t in times],
     }
+    if dwi_info is not None:
+        info["dwi"] = dwi_info
     case = PerfusionCase(info["case_id"], images, truth["core"], info, truth)
     if overrides.get("compute_maps", True):
         _add_computed_maps(case)
     return case
+
+
+def _ct_dwi(images: dict[str, Image], rd: np.random.Generator, head, crop, pose, ref: Image, acq: acqm.Acquisition,
+            acute: AcuteLesions | None, atrophy: float) -> dict[str, Any]:
+    """Add ``images["dwi"]`` (b = 1000 trace, int16) of the CT subject on the CT grid: the same
+    diffusion signal model as the MR phantoms (``mr_signal``), the core's ADC drop from its
+    lesion model, Rician noise; returns its parameters for case.json."""
+    field_t = float(rd.choice([1.5, 3.0]))
+    tp = draw_tissue_params(rd, field_t)
+    te, tr = float(rd.uniform(60, 95) if field_t > 2 else rd.uniform(80, 110)), float(rd.uniform(3000, 8000))
+    c_b0 = Contrast("b0", te, tr, fat_factor=tp.fat_sat)
+    c_dwi = Contrast("dwi", te, tr, b=B_VALUE, fat_factor=tp.fat_sat)
+    les = acute if acute is not None else AcuteLesions(None, None, None, "none", 0)
+    (sdw,) = _sample(signal_maps(head, crop, tp, [c_dwi], les, [], atrophy, (0.02, 0.02)), crop, pose, ref, acq.thickness)
+    lvl = float(rd.uniform(300, 1000))
+    wm_b0 = float(c_b0(tp.pd["wm"], tp.t1["wm"], tp.t2["wm"], tp.adc["wm"]))
+    snr = float(rd.uniform(25, 45))
+    dwi = acqm.reconstruct(sdw * lvl / wm_b0, lvl / snr / np.sqrt(3.0), acq, rd, 0.0)
+    images["dwi"] = ref.with_array(np.clip(np.round(dwi), 0, 32767).astype(np.int16))
+    return {"grid": "ct", "field_strength_t": field_t, "te_ms": round(te, 2), "tr_ms": round(tr, 1), "b_value": B_VALUE,
+            "snr_b0_wm": round(snr, 2)}
 
 
 def _add_computed_maps(case: PerfusionCase) -> None:

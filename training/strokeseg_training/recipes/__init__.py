@@ -17,6 +17,11 @@ Trainer = Callable[..., Path]
 
 RECIPES: dict[str, str] = {
     "unet3d": "strokeseg_training.train:train",
+    "paper000_deepmedic": "strokeseg_training.recipes.paper000_deepmedic:train_deepmedic",
+    "paper001_asymunet": "strokeseg_training.recipes.paper001_asymunet:train_asymunet",
+    "paper002_edd_muscle": "strokeseg_training.recipes.paper002_edd_muscle:train_edd_muscle",
+    "paper003_t1_cnn": "strokeseg_training.recipes.paper003_t1_cnn:train",
+    "paper004_ctp_gan": "strokeseg_training.recipes.paper004_ctp_gan:train",
 }
 
 

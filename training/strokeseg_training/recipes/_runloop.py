@@ -1,0 +1,93 @@
+"""Bookkeeping shared by the paper 003 / 004 recipes: checkpoint + resume, CSV log, best weights,
+``train_summary.json`` (the run-folder contract ``tune`` / ``evaluate`` / ``export`` rely on).
+
+The loops themselves differ (patch classifier vs GAN), so only this part is shared; validation
+Dice, curves and whole-volume inference are those of :mod:`strokeseg_training.train`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from strokeseg.models import save_weights
+
+from ..train import plot_curves
+
+
+class RunFolder:
+    """One run's folder: ``log.csv``, ``checkpoint.pt`` (every module and optimiser, our own
+    file, read back with ``weights_only``), ``best.safetensors`` / ``last.safetensors`` of the
+    network the card runs, ``curves.png`` and ``train_summary.json``."""
+
+    def __init__(self, out: Path, columns: list[str]):
+        self.out = out
+        self.columns = ["step", *columns, "lr", "val_dice", "elapsed_s"]
+        self.ckpt = out / "checkpoint.pt"
+        self.log = out / "log.csv"
+        self.best = -1.0
+        self.t0 = time.time()
+
+    def resume(self, modules: dict[str, torch.nn.Module], optims: dict[str, torch.optim.Optimizer],
+               device: torch.device, enabled: bool) -> int:
+        """Restore everything from the checkpoint (when ``enabled`` and present); returns the step."""
+        start, elapsed = 0, 0.0
+        if enabled and self.ckpt.is_file():
+            state = torch.load(self.ckpt, map_location=device, weights_only=True)
+            for k, m in modules.items():
+                m.load_state_dict(state["modules"][k])
+            for k, o in optims.items():
+                o.load_state_dict(state["optims"][k])
+            start, self.best, elapsed = int(state["step"]), float(state["best"]), float(state["elapsed_s"])
+        if start == 0 or not self.log.is_file():
+            self.log.write_text(",".join(self.columns) + "\n")
+        self.t0 = time.time() - elapsed
+        return start
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def row(self, step: int, values: dict[str, float], lr: float, val: float | None = None) -> None:
+        cells = [str(step), *(f"{values.get(c, float('nan')):.5f}" for c in self.columns[1:-3]),
+                 f"{lr:.3e}", "" if val is None else f"{val:.4f}", f"{self.elapsed():.1f}"]
+        with self.log.open("a") as f:
+            f.write(",".join(cells) + "\n")
+
+    def checkpoint(self, step: int, net: torch.nn.Module, val_dice: float,
+                   modules: dict[str, torch.nn.Module], optims: dict[str, torch.optim.Optimizer]) -> None:
+        """After a validation: best/last weights of the card's network, then the full checkpoint."""
+        if val_dice > self.best:
+            self.best = val_dice
+            save_weights(net, self.out / "best.safetensors")
+        save_weights(net, self.out / "last.safetensors")
+        torch.save({"modules": {k: m.state_dict() for k, m in modules.items()},
+                    "optims": {k: o.state_dict() for k, o in optims.items()},
+                    "step": step, "best": self.best, "elapsed_s": self.elapsed()}, self.ckpt)
+        self._plot()
+
+    def _plot(self) -> None:
+        # plot_curves reads the "loss" column: give it the first loss column under that name.
+        lines = self.log.read_text().splitlines()
+        if len(lines) < 2:
+            return
+        head = lines[0].split(",")
+        head[1] = "loss"
+        tmp = self.out / "log_plot.csv"
+        tmp.write_text("\n".join([",".join(head), *lines[1:]]) + "\n")
+        try:
+            plot_curves(tmp, self.out / "curves.png")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def finish(self, steps_done: int, device: torch.device, extra: dict[str, Any] | None = None) -> Path:
+        if not (self.out / "best.safetensors").is_file():
+            raise RuntimeError(f"{self.out}: training ended before its first validation; no weights saved")
+        self._plot()
+        summary = {"steps_done": steps_done, "best_val_dice": self.best, "duration_s": self.elapsed(),
+                   "device": str(device), "world_size": 1, **(extra or {})}
+        (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return self.out
