@@ -32,6 +32,7 @@ MODALITY_KEYS: tuple[str, ...] = (
 FOUR_D_KEYS = ("ctp", "pwi")
 MAP_KEYS = ("cbf", "cbv", "mtt", "tmax", "ttp")
 TRUTH_NAMES = ("lesion", "core", "penumbra")  # ground truth in a case folder, never an input
+TRUTH_PREFIX = "true_"  # phantoms' true maps (true_cbf, ...): ground truth too, not a second cbf
 METADATA_NAMES = ("case.json",)
 
 ACCEPT = 0.5  # lowest confidence at which a name alone assigns a key
@@ -374,8 +375,8 @@ def find_case_inputs(case_dir: str | Path) -> dict[str, Path]:
     """Input files of a case folder by modality key (in MODALITY_KEYS order).
 
     Files (or DICOM folders) named by a key are taken as such; other image names go through
-    :func:`detect_from_name`. Ground truth (lesion/core/penumbra), case.json, hidden and
-    non-image files are ignored.
+    :func:`detect_from_name`. Ground truth (lesion/core/penumbra and phantoms' ``true_*`` maps),
+    case.json, hidden and non-image files are ignored.
     """
     case = Path(case_dir)
     if not case.exists():
@@ -389,7 +390,7 @@ def find_case_inputs(case_dir: str | Path) -> dict[str, Path]:
         if p.name.startswith(".") or p.name.lower() in METADATA_NAMES or not _is_image_entry(p):
             continue
         stem = io.strip_suffix(p.name).lower()
-        if stem in TRUTH_NAMES:
+        if stem in TRUTH_NAMES or stem.startswith(TRUTH_PREFIX):
             truth.append(p.name)
             continue
         det = detect_from_name(p.name)

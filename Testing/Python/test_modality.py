@@ -270,6 +270,13 @@ def test_find_case_inputs(case):
     assert found["t1"].name == "sub-01_T1w.nii.gz"
 
 
+def test_find_case_inputs_ignores_phantom_true_maps(case):
+    io.write_image(head("dwi"), case / "cbf.nii.gz")
+    io.write_image(head("dwi"), case / "true_cbf.nii.gz")  # a perfusion phantom's true map, not a second cbf
+    found = find_case_inputs(case)
+    assert found["cbf"] == case / "cbf.nii.gz" and "true_cbf.nii.gz" not in {p.name for p in found.values()}
+
+
 def test_find_case_inputs_duplicate_key(case):
     io.write_image(head("dwi"), case / "DWI_b1000.nii.gz")
     with pytest.raises(InputError) as e:
