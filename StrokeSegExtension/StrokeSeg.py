@@ -727,7 +727,8 @@ class StrokeSegLogic(ScriptedLoadableModuleLogic):
 
 
 class StrokeSegTest(ScriptedLoadableModuleTest):
-    """Self-test users run inside Slicer: sample data -> segment -> lesion volume -> export."""
+    """Self-test users run inside Slicer: sample data -> segment -> lesion volume -> export, then a
+    CT perfusion phantom -> Sequence -> perfusion maps, core/penumbra and volumes against its truth."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -735,6 +736,8 @@ class StrokeSegTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_SegmentSampleAndExport()
+        self.setUp()
+        self.test_PerfusionPhantom()
 
     def test_SegmentSampleAndExport(self):
         import tempfile
@@ -787,4 +790,27 @@ class StrokeSegTest(ScriptedLoadableModuleTest):
             exported = read_image(written["mask"]).array
             np.testing.assert_array_equal(exported, read_mask(params.segmentation, params.lesionSegmentId,
                                                               params.referenceVolume))
+        self.delayDisplay("Test passed")
+
+    def test_PerfusionPhantom(self):
+        import tempfile
+
+        self.delayDisplay("Checking dependencies")
+        if not dependencies.is_ready(paths.requirements_file()):
+            dependencies.install(paths.requirements_file(), log=self.delayDisplay)
+
+        # The steps (phantom, checks) are StrokeSegLib.selftest's, which CI runs headless on the same
+        # phantom; here the series goes through Slicer's own Sequences reader.
+        from StrokeSegLib.selftest import run_perfusion_selftest
+
+        def loadSequence(path, name):
+            return slicer.util.loadSequence(str(path), {"name": name, "show": False})
+
+        logic = StrokeSegLogic()
+        with tempfile.TemporaryDirectory() as folder:
+            figures = run_perfusion_selftest(slicer.mrmlScene, folder, loadSequence, logic=logic.core,
+                                             log=self.delayDisplay)
+        self.delayDisplay(f"Core {figures['core_ml']:.1f} mL (truth {figures['truth_core_ml']:.1f} mL), hypoperfused "
+                          f"{figures['hypoperfusion_ml']:.1f} mL (truth {figures['truth_hypoperfusion_ml']:.1f} mL)")
+        slicer.util.setSliceViewerLayers(background=logic.core.params.perfusionTmax, fit=True)
         self.delayDisplay("Test passed")

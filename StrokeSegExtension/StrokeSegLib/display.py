@@ -86,17 +86,18 @@ def style_segmentation(segmentation_node: Any) -> None:
 
 # -- perfusion maps ------------------------------------------------------------------------------
 # Slicer's built-in colour nodes, as perfusion software shows the maps: a PET-style rainbow on
-# black for flow and volume (low = dark, so a core reads as a hole), a rainbow for the times
-# (long = red, so delay stands out). Fixed physiological windows, so maps of different patients
+# black for flow and volume (low = dark, so a core reads as a hole) and for the times too (long =
+# red, so delay stands out; Slicer's "Rainbow" table runs the other way, red = low, and would paint
+# the 0 s background red). Fixed physiological windows, so maps of different patients
 # look alike: healthy grey matter CBF ~50-60 mL/100g/min, CBV ~4-5 mL/100g, MTT ~4 s, Tmax < 2 s
 # (hypoperfusion from 6 s, severe from 10 s). TTP depends on the injection, so its window comes
 # from the data. (colour node ids in preference order, window minimum, window maximum)
 MAP_DISPLAY = {
     "cbf": (("vtkMRMLPETProceduralColorNodePET-Rainbow2", "vtkMRMLColorTableNodeRainbow"), 0.0, 60.0),
     "cbv": (("vtkMRMLPETProceduralColorNodePET-Rainbow2", "vtkMRMLColorTableNodeRainbow"), 0.0, 6.0),
-    "mtt": (("vtkMRMLColorTableNodeRainbow",), 0.0, 12.0),
-    "tmax": (("vtkMRMLColorTableNodeRainbow",), 0.0, 12.0),
-    "ttp": (("vtkMRMLColorTableNodeRainbow",), None, None),
+    "mtt": (("vtkMRMLPETProceduralColorNodePET-Rainbow2", "vtkMRMLColorTableNodeRainbow"), 0.0, 12.0),
+    "tmax": (("vtkMRMLPETProceduralColorNodePET-Rainbow2", "vtkMRMLColorTableNodeRainbow"), 0.0, 12.0),
+    "ttp": (("vtkMRMLPETProceduralColorNodePET-Rainbow2", "vtkMRMLColorTableNodeRainbow"), None, None),
 }
 
 

@@ -127,8 +127,8 @@ def test_maps_are_on_the_series_grid_with_the_engines_values(computed, engine):
         assert node.GetVoxelValueUnits().GetCodingSchemeDesignator() == "UCUM"
         assert node.GetAttribute("StrokeSeg.Output") == f"perfusion-{key}"  # never detected as an input
     display = {key: logic.params.get(map_parameter_name(key)).GetDisplayNode() for key in MAP_KEYS}
-    assert display["cbf"].GetColorNodeID() == display["cbv"].GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Rainbow2"
-    assert display["tmax"].GetColorNodeID() == display["mtt"].GetColorNodeID() == "vtkMRMLColorTableNodeRainbow"
+    # every map low = dark, high = red: a core is a hole in CBF/CBV, a delay a red patch in Tmax
+    assert {display[k].GetColorNodeID() for k in ("cbf", "cbv", "mtt", "tmax", "ttp")} == {"vtkMRMLPETProceduralColorNodePET-Rainbow2"}
     windows = {key: (d.GetWindowLevelMin(), d.GetWindowLevelMax()) for key, d in display.items()}
     assert windows["cbf"] == (0.0, 60.0) and windows["cbv"] == (0.0, 6.0) and windows["tmax"] == (0.0, 12.0)
     assert not display["tmax"].GetAutoWindowLevel()
@@ -374,3 +374,50 @@ def test_3d_volume_no_bolus_and_cancel_leave_no_nodes(tmp_path, engine):
     job.start().wait(60)
     assert job.cancelled and job.result is None
     assert _count_nodes(ctx.scene) == nodes and logic.params.perfusionCbf is None
+
+
+# -- the module's self-test (its perfusion step, run headless for real) ----------------------------
+def test_module_selftest_perfusion_step_passes_headless(tmp_path):
+    from StrokeSegLib.selftest import SERIES_NAME, run_perfusion_selftest, volume_within_tolerance
+
+    ctx = create_context(tmp_path / "cache")
+    logic = StrokeSegLogic(ctx.scene)
+    messages = []
+    figures = run_perfusion_selftest(ctx.scene, tmp_path / "work", ctx.load_sequence, logic=logic,
+                                     log=messages.append)
+    assert messages == ["Generating the CT perfusion phantom (no download)", "Loading the phantom as a Sequence",
+                        "Computing perfusion maps", "Checking maps, segments and volumes"]
+    # The series went through the file and Slicer's Sequences logic; the phantom's private scene left nothing behind.
+    assert ctx.scene.GetNumberOfNodesByClass("vtkMRMLSequenceNode") == 1
+    sequence = ctx.scene.GetFirstNodeByClass("vtkMRMLSequenceNode")
+    assert sequence.GetName() == SERIES_NAME and sequence.GetNumberOfDataNodes() == figures["frames"] == 25
+    assert sequence.GetStorageNode().GetFileName() == str(figures["series_file"])
+    # Truth volumes are those of the written truth masks; the figures are the table's, as the statistics say.
+    core, penumbra = (read_image(tmp_path / "work" / f"{k}.nii.gz") for k in ("core", "penumbra"))
+    voxel_ml = core.voxel_volume_ml
+    assert figures["truth_core_ml"] == pytest.approx(core.array.sum() * voxel_ml)
+    assert figures["truth_hypoperfusion_ml"] == pytest.approx(((core.array > 0) | (penumbra.array > 0)).sum() * voxel_ml)
+    report = logic.perfusion.update_statistics()
+    assert figures["core_ml"] == report["core_ml"] and figures["hypoperfusion_ml"] == report["hypoperfusion_ml"]
+    for key in ("core_ml", "hypoperfusion_ml"):
+        assert volume_within_tolerance(figures[key], figures[f"truth_{key}"]), key
+    assert min(figures["segment_voxels"].values()) > 0 and figures["truth_penumbra_ml"] > 0
+
+
+def test_module_selftest_fails_on_wrong_volumes_and_on_a_non_sequence(tmp_path):
+    from StrokeSegLib.selftest import SelfTestFailure, run_perfusion_selftest, volume_within_tolerance
+
+    assert volume_within_tolerance(114.0, 100.0) and not volume_within_tolerance(116.0, 100.0)
+    assert volume_within_tolerance(8.9, 4.0) and not volume_within_tolerance(9.1, 4.0)  # 5 mL for small volumes
+    # Tmax > 12 s instead of 6 s: the hypoperfused volume no longer matches the phantom's Tmax > 6 s truth.
+    ctx = create_context(tmp_path / "cache")
+    logic = StrokeSegLogic(ctx.scene)
+    logic.params.perfusionTmaxSevereS = 16.0
+    logic.params.perfusionTmaxS = 12.0
+    with pytest.raises(SelfTestFailure, match=r"^Hypoperfused volume: [\d.]+ mL, phantom truth [\d.]+ mL"):
+        run_perfusion_selftest(ctx.scene, tmp_path / "work", ctx.load_sequence, logic=logic)
+    # A loader that gives a plain 3D volume instead of a Sequence.
+    other = create_context(tmp_path / "cache2")
+    with pytest.raises(SelfTestFailure, match="ctp.seq.nrrd: loading gave no Sequence node"):
+        run_perfusion_selftest(other.scene, tmp_path / "work2",
+                               lambda path, name: other.load_volume(path.parent / "core.nii.gz"))
