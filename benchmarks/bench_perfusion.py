@@ -6,7 +6,7 @@ core, penumbra and report. The series is a perfusion phantom (MCA-territory stro
 the stages are timed separately (read, motion correction, masks, concentration, arterial input,
 deconvolution, decision, write) and peak Python-side memory is traced.
 
-    python benchmarks/bench_perfusion.py [--repeats 2] [--lesion-library DIR]
+    python benchmarks/bench_perfusion.py [--repeats 2] [--lesion-library DIR] [--denoise bilateral|gaussian]
 
 Prints a table and writes benchmarks/results/perfusion.json.
 """
@@ -30,7 +30,7 @@ import SimpleITK as sitk
 
 import strokeseg
 from strokeseg.io import write_image
-from strokeseg.perfusion import load_series, run_perfusion, write_perfusion
+from strokeseg.perfusion import PerfusionSettings, load_series, run_perfusion, write_perfusion
 from strokeseg.phantom.perfusion import simulate_perfusion
 
 HERE = Path(__file__).resolve().parent
@@ -46,11 +46,11 @@ def make_series(library: str | None, seed: int) -> tuple:
     return case
 
 
-def run_once(path: Path, out: Path) -> dict:
+def run_once(path: Path, out: Path, settings: PerfusionSettings | None = None) -> dict:
     t0 = time.perf_counter()
     series = load_series(path)
     t_read = time.perf_counter() - t0
-    res = run_perfusion(series)
+    res = run_perfusion(series, settings=settings)
     t1 = time.perf_counter()
     write_perfusion(res, out)
     t_write = time.perf_counter() - t1
@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7001)
     ap.add_argument("--lesion-library", default=str(DEFAULT_LIBRARY) if DEFAULT_LIBRARY.is_dir() else None)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--denoise", default=None, choices=["bilateral", "gaussian"], help="curve denoising (default: the engine's)")
     args = ap.parse_args(argv)
+    settings = PerfusionSettings(denoise=args.denoise)
 
     load0 = os.getloadavg()
     t = time.perf_counter()
@@ -81,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         path = write_image(series, work / "ctp.nii.gz")
         runs = []
         for k in range(args.repeats):
-            r = run_once(path, work / f"out{k}")
+            r = run_once(path, work / f"out{k}", settings)
             runs.append(r)
             print(f"run {k + 1}: total {r['stages']['total_s']:.2f} s  " +
                   "  ".join(f"{name} {v:.2f}" for name, v in r["stages"].items() if name != "total_s"))
         tracemalloc.start()
-        run_once(path, work / "out_mem")
+        run_once(path, work / "out_mem", settings)
         _cur, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     finally:
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
                     "SimpleITK": sitk.Version_VersionString(), "SimpleITK_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
                     "strokeseg": strokeseg.__version__},
+        "settings": {"denoise": args.denoise or "engine default"},
         "target_s": TARGET_S,
         "best_total_s": total,
         "ratio_to_target": round(total / TARGET_S, 3),

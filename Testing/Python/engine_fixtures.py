@@ -17,7 +17,7 @@ DWI_CONFIG = REPO_ROOT / "training" / "configs" / "dwi_unet.json"
 
 def tiny_card(model_id: str = "dwi-tiny") -> dict:
     """The bundled DWI recipe's card with a very small network: real code path, fast tests."""
-    card = copy.deepcopy(json.loads(DWI_CONFIG.read_text())["card"])
+    card = copy.deepcopy(json.loads(DWI_CONFIG.read_text(encoding="utf-8"))["card"])
     card["id"] = model_id
     card["network"]["args"]["channels"] = [4, 8, 16, 16]
     card["postprocess"] = {"threshold": 0.5, "closing_mm": 2.0, "min_lesion_ml": 0.0}

@@ -426,7 +426,7 @@ def test_real_data_skips_unusable_cases_and_phantom_folders(tmp_path, phantom_is
     files, root_dir = build_real_split(pcfg, "val", workers=1)
     assert len(files) == 1 and files[0].stem.startswith("dwi-val-")
     case_dir = next(p for p in root_dir.iterdir())
-    assert json.loads((case_dir / "case.json").read_text())["generator"] == "strokeseg.phantom"
+    assert json.loads((case_dir / "case.json").read_text(encoding="utf-8"))["generator"] == "strokeseg.phantom"
     assert files[0].parent.parent.name.startswith("phantom-")
 
     # A mask from another scan (outside the inputs' field of view) is refused, naming the file.

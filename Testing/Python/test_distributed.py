@@ -43,11 +43,11 @@ def test_torchrun_two_cpu_ranks_train(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     run = tmp_path / "run"
-    summary = json.loads((run / "train_summary.json").read_text())
+    summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["world_size"] == 2 and summary["steps_done"] == 2 and summary["device"] == "cpu"
     assert 0.0 <= summary["best_val_dice"] <= 1.0
     net = build_network(cfg["card"])
     net.load_state_dict(load_file(str(run / "best.safetensors")), strict=True)
-    assert (run / "log.csv").read_text().splitlines()[0].startswith("step,loss")
+    assert (run / "log.csv").read_text(encoding="utf-8").splitlines()[0].startswith("step,loss")
     # Each rank trained on its own shard: two phantom volumes for two ranks.
     assert len(list((tmp_path / "cache").glob("dwi-train-*/npz/*.npz"))) == 2

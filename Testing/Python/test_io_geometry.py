@@ -271,7 +271,7 @@ def test_unwritable_output_folder_raises_output_error(tmp_path):
         assert "a_file" in str(e.value) and "\n" not in str(e.value)
         with pytest.raises(OutputError):
             io.write_text("{}", target.with_name("report.json"))
-    assert blocker.read_text() == "not a folder"
+    assert blocker.read_text(encoding="utf-8") == "not a folder"
 
 
 def test_read_only_folder_raises_output_error(tmp_path):

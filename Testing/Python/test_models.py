@@ -217,7 +217,7 @@ def test_code_carrying_checkpoint_is_refused_without_running_it(tmp_path: Path, 
     # The payload is live: deserialising it the unsafe way does run its code.
     control = tmp_path / "control-marker"
     unsafe_load(make(control))
-    assert control.read_text() == "code ran"
+    assert control.read_text(encoding="utf-8") == "code ran"
 
     card = trained_model(tmp_path / "models")
     marker = tmp_path / "marker"
@@ -423,7 +423,7 @@ def test_bundled_schemas_are_valid_json_schemas(repo_root: Path) -> None:
     import jsonschema
 
     for name in ("model_card.schema.json", "models.schema.json"):
-        jsonschema.Draft202012Validator.check_schema(json.loads((repo_root / "Resources/Models" / name).read_text()))
+        jsonschema.Draft202012Validator.check_schema(json.loads((repo_root / "Resources/Models" / name).read_text(encoding="utf-8")))
 
 
 def test_bundled_registry_if_present() -> None:

@@ -26,6 +26,7 @@ from strokeseg.perfusion import (
 from strokeseg.perfusion.concentration import bolus_timing, concentration_frame
 from strokeseg.perfusion.decision import decide, hemispheres
 from strokeseg.perfusion.deconvolution import KH, RHO, deconvolve
+from strokeseg.perfusion.denoise import guided_bilateral, masked_gaussian, neighbour_noise
 from strokeseg.perfusion.masks import ct_masks
 from strokeseg.perfusion.motion import correct_motion, inplane_rigid
 from strokeseg.perfusion.series import validate_series
@@ -98,6 +99,79 @@ def test_deconvolution_ranks_flow():
     for mtt in (4.0, 12.0):
         sel = np.array([c[1] == mtt for c in cases])
         assert np.all(np.diff(maps.cbf[sel]) > 0)
+
+
+# -- denoising -------------------------------------------------------------------------------------
+
+
+def _two_tissue_slab(noise: float, seed: int = 0):
+    """A 2-slice slab, 'grey matter' (bolus amplitude 2, baseline 40 HU) left of x = 20 and 'white
+    matter' (amplitude 1, 28 HU) right of it, a non-tissue column at x = 0; noisy curves."""
+    rng = np.random.default_rng(seed)
+    shape = (2, 24, 40)
+    t = np.arange(30) * 1.5
+    bolus = gamma_variate(t, 6.0, 3.0, 1.5).astype(np.float32)
+    grey = np.zeros(shape, bool)
+    grey[:, :, :20] = True
+    amp = np.where(grey, 2.0, 1.0).astype(np.float32)
+    anatomy = np.where(grey, 40.0, 28.0).astype(np.float32) + rng.normal(0, 1.0, shape).astype(np.float32)
+    search = np.ones(shape, bool)
+    tissue = search.copy()
+    tissue[:, :, 0] = False
+    clean = (bolus[:, None] * amp[search][None, :]).astype(np.float32)
+    noisy = clean + rng.normal(0, noise, clean.shape).astype(np.float32)
+    return noisy, clean, search, tissue, anatomy, grey
+
+
+def test_guided_bilateral_keeps_tissue_edges_and_removes_noise():
+    noisy, clean, search, tissue, anatomy, grey = _two_tissue_slab(noise=0.4)
+    spacing = (1.8, 1.8, 5.0)
+    bil = guided_bilateral(noisy, search, tissue, anatomy, spacing, 3.0)
+    gauss = guided_bilateral(noisy, search, tissue, anatomy, spacing, 3.0, h_anatomy=None, h_perfusion=None)
+    tis = tissue[search]
+    # Voxels off the tissue mask keep their curves; sigma 0 changes nothing.
+    assert np.array_equal(bil[:, ~tis], noisy[:, ~tis])
+    assert np.array_equal(guided_bilateral(noisy, search, tissue, anatomy, spacing, 0.0), noisy)
+    # The un-guided filter is the masked Gaussian of the pipeline's "gaussian" option.
+    grid = np.zeros(search.shape, np.float32)
+    grid[search] = noisy[10]
+    ref = masked_gaussian(grid, tissue, [0.0, 3.0 / 1.8, 3.0 / 1.8])[search]
+    inner = np.zeros(search.shape, bool)
+    inner[:, 4:-4, 5:-4] = True  # away from the image border (where the Gaussian replicates the edge)
+    inner = inner[search]
+    assert np.allclose(gauss[10, inner], ref[inner], atol=0.05)  # 2 vs 4 sigma truncation
+    # Noise: both filters remove most of it inside a tissue class.
+    interior = (np.abs(np.arange(40) - 20) > 6)[None, None, :].repeat(24, 1).repeat(2, 0)[search] & tis
+    for out in (bil, gauss):
+        assert np.std((out - clean)[:, interior]) < 0.3 * np.std((noisy - clean)[:, interior])
+    # Edge: within 2 voxels of the grey/white boundary the Gaussian mixes the classes' peaks,
+    # the guided filter keeps each voxel's own class.
+    edge = (np.abs(np.arange(40) - 19.5) < 2)[None, None, :].repeat(24, 1).repeat(2, 0)[search] & tis
+    shape = clean[:, tis].mean(axis=1)
+
+    def amplitude(c):  # least-squares bolus amplitude (unbiased, unlike a noisy peak)
+        return shape @ c / (shape @ shape)
+
+    err_b = np.abs(amplitude(bil) - amplitude(clean))[edge].mean()
+    err_g = np.abs(amplitude(gauss) - amplitude(clean))[edge].mean()
+    assert err_b < 0.5 * err_g and err_b < 0.15
+
+
+def test_neighbour_noise_estimates_white_noise():
+    rng = np.random.default_rng(1)
+    img = rng.normal(30.0, 2.0, (3, 50, 50)).astype(np.float32)
+    mask = np.ones(img.shape, bool)
+    assert neighbour_noise(img, mask) == pytest.approx(2.0, rel=0.1)
+    assert neighbour_noise(img, np.zeros(img.shape, bool)) == 0.0
+
+
+def test_denoise_setting_is_checked_and_reported(small_ct, small_ct_result):
+    assert small_ct_result.report["settings"]["denoise"] == "bilateral"  # the CT default
+    assert small_ct_result.report["settings"]["smooth_mm"] == 5.0
+    with pytest.raises(InputError, match="denoise"):
+        run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(denoise="median", motion_correction=False))
+    res = run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(denoise="gaussian", motion_correction=False))
+    assert res.report["settings"]["denoise"] == "gaussian" and res.report["settings"]["smooth_mm"] == 3.0
 
 
 # -- concentration and timing ----------------------------------------------------------------------
@@ -354,7 +428,7 @@ def test_write_perfusion_is_all_or_nothing(small_ct_result, tmp_path, monkeypatc
     out = tmp_path / "result"
     write_perfusion(small_ct_result, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert rep["core_ml"] == small_ct_result.report["core_ml"]
     tmax = read_image(out / "tmax.nii.gz")
     assert tmax.same_grid(small_ct_result.maps["tmax"]) and np.allclose(tmax.array, small_ct_result.maps["tmax"].array)
@@ -506,7 +580,7 @@ def test_phantom_is_deterministic_and_written(lesion_library, tmp_path):
     names = {p.name for p in folder.iterdir()}
     assert {"ctp.nii.gz", "core.nii.gz", "penumbra.nii.gz", "lesion.nii.gz", "case.json",
             "cbf.nii.gz", "tmax.nii.gz", "true_cbf.nii.gz", "true_tmax.nii.gz"} <= names
-    info = json.loads((folder / "case.json").read_text())
+    info = json.loads((folder / "case.json").read_text(encoding="utf-8"))
     assert info["core_ml"] == a.info["core_ml"] and "computed" in info
     series = load_series(folder / "ctp.nii.gz")
     assert np.allclose(series.meta["times"], a.images["ctp"].meta["times"])

@@ -112,7 +112,7 @@ def test_distractor_and_lesion_contrast_physics():
 
 def test_volume_in_case_json_matches_mask(case_proc, tmp_path):
     folder = write_case(case_proc, tmp_path)
-    info = json.loads((folder / "case.json").read_text())
+    info = json.loads((folder / "case.json").read_text(encoding="utf-8"))
     mask = read_image(folder / "lesion.nii.gz")
     vol = float(mask.array.sum()) * mask.voxel_volume_ml
     assert info["lesion_volume_ml"] == pytest.approx(vol, rel=1e-3, abs=1e-3)

@@ -106,7 +106,7 @@ def test_ex_vacuo_ventricle_enlarges_on_the_lesion_side(chronic):
 
 def test_truth_volume_in_case_json_matches_mask(chronic, tmp_path):
     folder = write_case(chronic, tmp_path)
-    info = json.loads((folder / "case.json").read_text())
+    info = json.loads((folder / "case.json").read_text(encoding="utf-8"))
     mask = read_image(folder / "lesion.nii.gz")
     assert mask.same_grid(read_image(folder / "t1.nii.gz"))
     assert info["lesion_volume_ml"] == pytest.approx(float(mask.array.sum()) * mask.voxel_volume_ml, rel=1e-3, abs=1e-3)
@@ -151,7 +151,7 @@ def test_cli_writes_a_case_folder_the_engine_loads(tmp_path):
     files = find_case_inputs(folder)
     assert list(files) == ["t1"]
     images = load_inputs(files)  # passes the modality content checks (T1: fluid darker than tissue)
-    info = json.loads((folder / "case.json").read_text())
+    info = json.loads((folder / "case.json").read_text(encoding="utf-8"))
     assert info["acquisition"]["defaced"] and not info["acquisition"]["skull_stripped"]
     assert read_image(folder / "lesion.nii.gz").same_grid(images["t1"])
     assert main(["phantom", "--modality", "dwi", "--seed", "4", "--out", str(tmp_path), "--deface"]) == 2

@@ -77,7 +77,7 @@ def test_segment_case_writes_contract_outputs_on_reference_grid(case_dir, tmp_pa
     assert prob.GetPixelID() == sitk.sitkFloat32 and lesion.GetPixelID() == sitk.sitkUInt8
     p = sitk.GetArrayFromImage(prob)
     assert 0.0 <= p.min() and p.max() <= 1.0
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["model"]["id"] == "dwi-tiny"
     assert report["settings"]["closing_mm"] == 2.0
     vox_ml = np.prod(prob.GetSpacing()) / 1000
@@ -233,7 +233,7 @@ def _corrupt_model_dir(src: Path, dst: Path, how: str) -> Path:
 
         w.write_bytes(pickle.dumps(Payload()))
         card_path = w.parent / "card.json"
-        card = json.loads(card_path.read_text())
+        card = json.loads(card_path.read_text(encoding="utf-8"))
         card["weights"][0]["sha256"] = hashlib.sha256(w.read_bytes()).hexdigest()
         card_path.write_text(json.dumps(card))
     return dst
@@ -271,7 +271,7 @@ def test_batch_progress_failures_and_resume(phantom, tmp_path, models_dir):
                                 "--models-dir", str(models_dir))
     assert code == 1, err  # a failed case is reported, the others are done
     assert "case-broken: FAILED" in err and "adc.nii.gz" in err
-    summary = json.loads((out / "batch_summary.json").read_text())
+    summary = json.loads((out / "batch_summary.json").read_text(encoding="utf-8"))
     assert summary["finished"] == 2 and summary["failed"][0]["case"] == "case-broken"
     assert (out / "case00" / "report.json").is_file() and (out / "case01" / "report.json").is_file()
     assert not (out / "case-broken").exists()
@@ -329,7 +329,7 @@ def test_cli_phantom_writes_deterministic_case_folders(tmp_path):
     assert cases == ["dwi-00005", "dwi-00006"]
     for name in ("dwi.nii.gz", "b0.nii.gz", "adc.nii.gz", "lesion.nii.gz", "case.json"):
         assert (a / "dwi-00006" / name).is_file()
-    info = json.loads((a / "dwi-00006" / "case.json").read_text())
+    info = json.loads((a / "dwi-00006" / "case.json").read_text(encoding="utf-8"))
     assert info["seed"] == 6
     # case k of a batch is the same patient as a single case with seed + k
     np.testing.assert_array_equal(read_image(a / "dwi-00006" / "dwi.nii.gz").array,

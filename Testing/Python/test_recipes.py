@@ -48,7 +48,7 @@ def make_dataset(root: Path, keys: list[str], n: int = 4) -> Path:
 
 
 def tiny_config(tmp: Path, name: str, data_root: Path, card: dict, train: dict, tune: dict | None = None) -> Path:
-    cfg = json.loads((CONFIGS / name).read_text())
+    cfg = json.loads((CONFIGS / name).read_text(encoding="utf-8"))
     cfg["run_dir"] = str(tmp / "run")
     cfg["models_dir"] = str(tmp / "models")
     cfg["data"] = {"source": "generic", "root": str(data_root), "test_root": str(data_root), "folds": 1,
@@ -68,7 +68,7 @@ def run_all(config: Path) -> dict:
     from strokeseg_training.cli import main
 
     assert main(["all", "--config", str(config)]) == 0
-    return json.loads(config.read_text())
+    return json.loads(config.read_text(encoding="utf-8"))
 
 
 def segment_with_export(tmp: Path, cfg: dict, case: Path) -> None:
@@ -237,7 +237,7 @@ def test_prepare_appends_mirror_channels(tmp_path):
     from strokeseg.preprocess import prepare
 
     make_case(tmp_path / "c", ["dwi", "adc"], seed=1)
-    cfg = json.loads((CONFIGS / "paper001_asymunet.json").read_text())
+    cfg = json.loads((CONFIGS / "paper001_asymunet.json").read_text(encoding="utf-8"))
     card = ModelCard(raw={**cfg["card"], "weights": []}, folder=tmp_path)
     images = {k: read_image(tmp_path / "c" / f"{k}.nii.gz") for k in ("dwi", "adc")}
     prepared = prepare(images, card)
@@ -325,9 +325,9 @@ def test_paper000_end_to_end(tmp_path):
               "finetune": {"steps": 2, "val_every": 2, "freeze_layers": 8}})
     cfg = run_all(config)
     run = Path(cfg["run_dir"])
-    summary = json.loads((run / "train_summary.json").read_text())
+    summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["n_clones"] >= 1 and summary["finetune"]["steps_done"] == 2
-    tuning = json.loads((run / "tuning.json").read_text())
+    tuning = json.loads((run / "tuning.json").read_text(encoding="utf-8"))
     assert {r.get("threshold_rule") for r in tuning["table"]} == {"tht0", "tht1"}
     segment_with_export(tmp_path, cfg, root / "case00")
 
@@ -343,8 +343,8 @@ def test_paper001_end_to_end(tmp_path):
         tune={"objective": "dsc-hd-score", "grid": {"threshold": [0.3, 0.5], "closing_mm": [0.0], "min_lesion_ml": [0.0, 0.1]}})
     cfg = run_all(config)
     run = Path(cfg["run_dir"])
-    assert json.loads((run / "train_summary.json").read_text())["train_patches"] == 16
-    card = json.loads((tmp_path / "models" / "paper001_asymunet" / "card.json").read_text())
+    assert json.loads((run / "train_summary.json").read_text(encoding="utf-8"))["train_patches"] == 16
+    card = json.loads((tmp_path / "models" / "paper001_asymunet" / "card.json").read_text(encoding="utf-8"))
     assert card["derived_channels"][0]["kind"] == "mirror"
     segment_with_export(tmp_path, cfg, root / "case00")
 
@@ -362,9 +362,9 @@ def test_paper002_end_to_end(tmp_path):
     }, train={"steps": 4, "batch_size": 4, "val_every": 2, "val_volumes": 1, "muscle": {"steps": 3, "batch_size": 4}})
     cfg = run_all(config)
     run = Path(cfg["run_dir"])
-    summary = json.loads((run / "train_summary.json").read_text())
+    summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
     assert set(summary["validation_detection"]) == {"edd", "edd_muscle"}
     assert "m_fp" in summary["validation_detection"]["edd"]
-    test_summary = json.loads((run / "test" / "summary.json").read_text())
+    test_summary = json.loads((run / "test" / "summary.json").read_text(encoding="utf-8"))
     assert "m_fp" in test_summary["detection"] and "subject_detection_rate" in test_summary["detection"]
     segment_with_export(tmp_path, cfg, root / "case00")

@@ -295,10 +295,10 @@ def test_paper003_recipe_end_to_end_smoke(tmp_path):
     ]
     assert train_main(["all", "--config", str(CONFIGS / "paper003_t1_cnn.json"), *_sets(overrides)]) == 0
     run = tmp_path / "run"
-    summary = json.loads((run / "train_summary.json").read_text())
+    summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["steps_done"] == 6 and summary["recipe"] == "paper003_t1_cnn"
     assert 0.0 < summary["lesion_fraction_of_centres"] < 1.0
-    assert (run / "log.csv").read_text().startswith("step,loss,lr,val_dice")
+    assert (run / "log.csv").read_text(encoding="utf-8").startswith("step,loss,lr,val_dice")
     (card,) = load_registry(models)
     assert card.id == "t1-patchcnn-paper003" and card.raw["derived_channels"][0]["kind"] == "mirror"
     t1, _ = _t1_case(np.random.default_rng(99))
@@ -325,11 +325,11 @@ def test_paper004_recipe_end_to_end_smoke(tmp_path):
     ]
     assert train_main(["all", "--config", str(CONFIGS / "paper004_ctp_gan.json"), *_sets(overrides)]) == 0
     run = tmp_path / "run"
-    summary = json.loads((run / "train_summary.json").read_text())
+    summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["steps_done"] == 4 and summary["fold"] == 0
     assert set(summary["final_losses"]) == {"discriminator", "total", "recon", "adversarial", "segmentation"}
     assert (run / "discriminator.safetensors").is_file()
-    cv = json.loads((run / "cv_summary.json").read_text())
+    cv = json.loads((run / "cv_summary.json").read_text(encoding="utf-8"))
     assert set(cv["folds"]) == {"0", "1"} and cv["summary"]["best_val_dice"]["n"] == 2
     assert len(list((tmp_path / "cache").glob("*/dwi_target-*/*.npy"))) >= 2  # the generator's targets
 

@@ -305,9 +305,9 @@ def test_exports_read_back_voxel_exact(tmp_path, oblique_case):
     np.testing.assert_array_equal(seg_array > 0, current > 0)
     header = written["segmentation"].read_bytes()[:8000].decode("latin-1")
     assert "SCT^55641003^Infarct" in header and DIGEST_TAG in header
-    report = json.loads(written["report_json"].read_text())
+    report = json.loads(written["report_json"].read_text(encoding="utf-8"))
     assert report["edited"] is True and report["total_volume_ml"] == pytest.approx(current.sum() * reference.voxel_volume_ml)
-    csv_lines = written["report_csv"].read_text().splitlines()
+    csv_lines = written["report_csv"].read_text(encoding="utf-8").splitlines()
     assert csv_lines[0].startswith("id,volume_ml") and len(csv_lines) == report["lesion_count"] + 1
 
 

@@ -316,8 +316,8 @@ def test_export_writes_maps_masks_segmentation_and_report(computed, engine, tmp_
     np.testing.assert_array_equal(tmax.array, expected.maps["tmax"].array.astype(np.float32))
     np.testing.assert_array_equal(read_image(written["core"]).array, expected.core.array)
     np.testing.assert_array_equal(read_image(written["penumbra"]).array, expected.penumbra.array)
-    report = json.loads(written["report_json"].read_text())
-    rows = {r["measure"]: r["value"] for r in csv.DictReader(io.StringIO(written["report_csv"].read_text()))}
+    report = json.loads(written["report_json"].read_text(encoding="utf-8"))
+    rows = {r["measure"]: r["value"] for r in csv.DictReader(io.StringIO(written["report_csv"].read_text(encoding="utf-8")))}
     for key in REPORT_KEYS:
         assert report[key] == expected.report[key]
         assert (float(rows[key]) if rows[key] else None) == expected.report[key]

@@ -34,10 +34,10 @@ def test_dwi_recipe_end_to_end_smoke(tmp_path):
     assert train_main(args) == 0
 
     run = tmp_path / "run"
-    log = (run / "log.csv").read_text().splitlines()
+    log = (run / "log.csv").read_text(encoding="utf-8").splitlines()
     assert log[0].startswith("step,loss") and len(log) >= 2
     assert (run / "curves.png").stat().st_size > 5000
-    tuning = json.loads((run / "tuning.json").read_text())
+    tuning = json.loads((run / "tuning.json").read_text(encoding="utf-8"))
     assert len(tuning["table"]) == 4 and tuning["best"]["threshold"] in (0.4, 0.6)
     assert (run / "test" / "summary.json").is_file() and (run / "test" / "bland_altman.png").is_file()
 

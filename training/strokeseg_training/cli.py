@@ -56,7 +56,7 @@ def do_tune(cfg: dict) -> dict:
 
 def do_evaluate(cfg: dict, settings: dict | None = None) -> dict:
     out = run_dir(cfg)
-    settings = settings or json.loads((out / "tuning.json").read_text())["best"]
+    settings = settings or json.loads((out / "tuning.json").read_text(encoding="utf-8"))["best"]
     probs = case_probabilities(_cases(cfg, "test"), [_net(cfg, out / "best.safetensors")], card_of(cfg))
     rows = score(probs, PostprocessSettings(**settings))
     summary = summarise(rows, out / "test", f"{cfg['name']} held-out phantoms")
@@ -67,9 +67,9 @@ def do_evaluate(cfg: dict, settings: dict | None = None) -> dict:
 
 def do_export(cfg: dict, command: str) -> Path:
     out = run_dir(cfg)
-    tuned = json.loads((out / "tuning.json").read_text())["best"]
-    test = json.loads((out / "test" / "summary.json").read_text())
-    tsum = json.loads((out / "train_summary.json").read_text())
+    tuned = json.loads((out / "tuning.json").read_text(encoding="utf-8"))["best"]
+    test = json.loads((out / "test" / "summary.json").read_text(encoding="utf-8"))
+    tsum = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
     metrics = test.get("metrics", test)
     flat = {}
     for k in ("dice", "lesion_f1", "abs_volume_diff_ml", "hd95_mm", "abs_lesion_count_diff", "ppv", "tpr"):

@@ -16,7 +16,7 @@ DEFAULT_RUNS = REPO_ROOT / "runs"
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a config and apply ``section.key=value`` overrides (values parsed as JSON when possible)."""
-    cfg = json.loads(Path(path).read_text())
+    cfg = json.loads(Path(path).read_text(encoding="utf-8"))
     cfg["_config_path"] = str(path)
     for item in overrides or []:
         key, _, raw = item.partition("=")

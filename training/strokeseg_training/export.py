@@ -38,7 +38,7 @@ def export_model(cfg: dict[str, Any], weights: list[Path], *, postprocess: dict[
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
 
     index = models_dir / "models.json"
-    reg = json.loads(index.read_text()) if index.is_file() else {"schema_version": 1, "models": []}
+    reg = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {"schema_version": 1, "models": []}
     reg["models"] = [m for m in reg["models"] if m["id"] != card["id"]]
     reg["models"].append({"id": card["id"], "folder": folder.name, "family": card["family"]})
     index.write_text(json.dumps(reg, indent=2) + "\n")

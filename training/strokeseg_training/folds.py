@@ -133,7 +133,7 @@ def run_folds(folds: Iterable[Fold], fn: Callable[[Fold], T], *, results_json: s
     """
     wanted = set(only) if only is not None else None
     path = Path(results_json) if results_json else None
-    done: dict[str, Any] = json.loads(path.read_text()) if path and path.is_file() else {}
+    done: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
     results: dict[int, T] = {int(i): r for i, r in done.items()}
     for fold in folds:
         if (wanted is not None and fold.index not in wanted) or fold.index in results:

@@ -133,7 +133,7 @@ def _safe(name: str) -> str:
 def case_volumes(cases: list[Case], label: str, cache_file: Path | None = None) -> dict[str, float]:
     """Lesion volume (mL) per case, for stratified folds: from the dataset's metadata when it
     states it (phantoms), else from the mask; cached by file size and time."""
-    cached = json.loads(cache_file.read_text()) if cache_file and cache_file.is_file() else {}
+    cached = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file and cache_file.is_file() else {}
     out, changed = {}, False
     for c in cases:
         if label == "lesion" and isinstance(c.meta.get("lesion_volume_ml"), (int, float)):
@@ -263,7 +263,7 @@ def build_real_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tu
     cases_dir.mkdir(parents=True, exist_ok=True)
     skipped = json.dumps(usable(cfg, all_cases)[1], indent=1, sort_keys=True) + "\n"
     note = base / "skipped.json"  # which cases this config cannot train on, and why
-    if not note.is_file() or note.read_text() != skipped:
+    if not note.is_file() or note.read_text(encoding="utf-8") != skipped:
         write_text(skipped, note)
     cases = split_cases(cfg, split, cache_dir=base)
     if split == "test" and d.get("test_root"):  # another dataset: its own cache

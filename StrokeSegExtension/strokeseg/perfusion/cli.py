@@ -30,7 +30,7 @@ def _point(text: str) -> tuple[float, float, float]:
 def _times(text: str) -> list[float]:
     """Frame times: a comma-separated list, or a file with one time per line / comma-separated."""
     path = Path(text)
-    raw = path.read_text() if path.is_file() else text
+    raw = path.read_text(encoding="utf-8") if path.is_file() else text
     try:
         return [float(v) for v in raw.replace("\n", ",").split(",") if v.strip()]
     except ValueError:

@@ -173,7 +173,7 @@ class Territories:
 
 def _parse_atlas_txt(path: Path) -> tuple[dict[int, str], dict[int, str]]:
     names, short = {}, {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.strip().split("|")
         if len(parts) < 3 or not parts[0].strip().isdigit():
             continue

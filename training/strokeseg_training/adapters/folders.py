@@ -27,7 +27,7 @@ def _truth(folder: Path) -> dict[str, Path]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(path, f"not readable JSON ({exc})") from None
     return data if isinstance(data, dict) else {}

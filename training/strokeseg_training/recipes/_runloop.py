@@ -71,7 +71,7 @@ class RunFolder:
 
     def _plot(self) -> None:
         # plot_curves reads the "loss" column: give it the first loss column under that name.
-        lines = self.log.read_text().splitlines()
+        lines = self.log.read_text(encoding="utf-8").splitlines()
         if len(lines) < 2:
             return
         head = lines[0].split(",")

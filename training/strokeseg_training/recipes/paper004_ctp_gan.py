@@ -351,10 +351,10 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     out = _train_one(cfg, resume)
     if cfg["train"].get("cross_validate"):
         k, main = int(cfg["data"].get("folds", 4)), int(cfg["data"].get("fold", 0))
-        results = {main: json.loads((out / "train_summary.json").read_text())}
+        results = {main: json.loads((out / "train_summary.json").read_text(encoding="utf-8"))}
         for f in range(k):
             if f != main:
-                results[f] = json.loads((_train_one(fold_config(cfg, f), resume) / "train_summary.json").read_text())
+                results[f] = json.loads((_train_one(fold_config(cfg, f), resume) / "train_summary.json").read_text(encoding="utf-8"))
         cv = {"folds": {str(f): {"best_val_dice": r["best_val_dice"], "steps_done": r["steps_done"]}
                         for f, r in sorted(results.items())},
               "summary": summarise_folds({f: {"best_val_dice": r["best_val_dice"]} for f, r in results.items()})}
