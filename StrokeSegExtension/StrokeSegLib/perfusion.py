@@ -20,7 +20,6 @@ Settings (modality, echo time, arterial input, thresholds) live in the module's 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +30,7 @@ import slicer
 from strokeseg.errors import InputError, StrokeSegError
 from strokeseg.image import Image
 from strokeseg.perfusion import PerfusionResult, PerfusionSettings, Thresholds
+from strokeseg.perfusion.decision import decision_volumes
 
 from . import detection
 from .display import show_in_slice_views, style_perfusion_map, style_segmentation
@@ -321,8 +321,9 @@ class PerfusionLogic:
         core, penumbra, edited = self.current_masks()
         tmax = slicer.util.arrayFromVolume(p.perfusionTmax)
         voxel_ml = image_from_volume(p.perfusionCbf, copy=False).voxel_volume_ml
-        thresholds = {**asdict(Thresholds()), **(base.get("thresholds") or {})}
-        volumes = decision_volumes(core, penumbra, tmax, voxel_ml, thresholds)
+        stored = base.get("thresholds") or {}
+        thresholds = Thresholds(**{k: v for k, v in stored.items() if k in asdict(Thresholds())})
+        volumes = decision_volumes(core, core | penumbra, tmax, voxel_ml, thresholds)
         volumes["defuse3_style"] = {**(base.get("defuse3_style") or {}), **volumes["defuse3_style"]}
         report = {**base, **volumes, "edited": edited}
         p.perfusionTable = update_perfusion_table(self.scene, report, p.perfusionTable)
@@ -337,39 +338,6 @@ class PerfusionLogic:
         maps = {key: p.get(map_parameter_name(key)) for key in MAP_KEYS}
         return export_perfusion(Path(out_dir), maps, {"core": core, "penumbra": penumbra}, p.perfusionSegmentation,
                                 report)
-
-
-def decision_volumes(core: np.ndarray, penumbra: np.ndarray, tmax: np.ndarray, voxel_ml: float,
-                     thresholds: Mapping[str, Any]) -> dict[str, Any]:
-    """Core, penumbra, hypoperfusion, mismatch, HIR and the DEFUSE 3-style profile of (possibly
-    edited) masks, defined and rounded as the engine's report (strokeseg.perfusion.decision)."""
-    hypo = core | penumbra
-    severe = hypo & (tmax > float(thresholds["tmax_severe_s"]))
-    core_ml = float(np.count_nonzero(core)) * voxel_ml
-    hypo_ml = float(np.count_nonzero(hypo)) * voxel_ml
-    severe_ml = float(np.count_nonzero(severe)) * voxel_ml
-    mismatch_ml = max(hypo_ml - core_ml, 0.0)
-    ratio = hypo_ml / core_ml if core_ml > 0 else None
-    hir = severe_ml / hypo_ml if hypo_ml > 0 else None
-    ratio_met = (ratio is None and hypo_ml > 0) or (ratio is not None and ratio >= thresholds["defuse_mismatch_ratio"])
-    target = (core_ml < thresholds["defuse_core_max_ml"] and mismatch_ml >= thresholds["defuse_mismatch_ml"]
-              and (ratio is None or ratio >= thresholds["defuse_mismatch_ratio"]) and hypo_ml > 0)
-    return {
-        "core_ml": round(core_ml, 2),
-        "hypoperfusion_ml": round(hypo_ml, 2),
-        "penumbra_ml": round(float(np.count_nonzero(hypo & ~core)) * voxel_ml, 2),
-        "tmax_severe_ml": round(severe_ml, 2),
-        "mismatch_ml": round(mismatch_ml, 2),
-        "mismatch_ratio": None if ratio is None else round(ratio, 2),
-        "hir": None if hir is None else round(hir, 3),
-        "defuse3_style": {
-            "research_use_only": True,
-            "core_below_max": core_ml < thresholds["defuse_core_max_ml"],
-            "mismatch_ratio_met": bool(ratio_met),
-            "mismatch_volume_met": mismatch_ml >= thresholds["defuse_mismatch_ml"],
-            "target_mismatch_profile": bool(target),
-        },
-    }
 
 
 def _annotate_map(node: Any, key: str, unit: str, series_id: str) -> None:

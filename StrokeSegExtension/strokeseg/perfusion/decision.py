@@ -118,38 +118,49 @@ def decide(
                 core = keep[lab]
     core = _clean(core, th.min_core_ml, voxel_ml)
     hypo = _clean(hypo_raw | core, th.min_hypo_ml, voxel_ml) | core
-    severe = hypo & (tmax > th.tmax_severe_s)
     penumbra = hypo & ~core
 
-    core_ml = float(np.count_nonzero(core)) * voxel_ml
-    hypo_ml = float(np.count_nonzero(hypo)) * voxel_ml
-    severe_ml = float(np.count_nonzero(severe)) * voxel_ml
-    mismatch_ml = max(hypo_ml - core_ml, 0.0)
-    ratio = hypo_ml / core_ml if core_ml > 0 else None
-    hir = severe_ml / hypo_ml if hypo_ml > 0 else None
-    target = (core_ml < th.defuse_core_max_ml and mismatch_ml >= th.defuse_mismatch_ml
-              and (ratio is None or ratio >= th.defuse_mismatch_ratio) and hypo_ml > 0)
     report = {
-        "core_ml": round(core_ml, 2),
-        "hypoperfusion_ml": round(hypo_ml, 2),
-        "penumbra_ml": round(float(np.count_nonzero(penumbra)) * voxel_ml, 2),
-        "tmax_severe_ml": round(severe_ml, 2),
-        "mismatch_ml": round(mismatch_ml, 2),
-        "mismatch_ratio": None if ratio is None else round(ratio, 2),
-        "hir": None if hir is None else round(hir, 3),
+        **decision_volumes(core, hypo, tmax, voxel_ml, th),
         "core_method": method,
         "hypoperfusion_method": f"Tmax > {th.tmax_hypo_s:g} s",
         "healthy_hemisphere": "left" if healthy_left else "right",
         "reference_cbf_ml_100g_min": None if not np.isfinite(mean_cbf) else round(mean_cbf, 2),
         "reference_regularisation_gain": round(ref_gain, 3),
         "thresholds": asdict(th),
+    }
+    report["defuse3_style"] = report.pop("defuse3_style")  # last in the JSON, as before
+    return core, hypo, penumbra, report
+
+
+def decision_volumes(core: np.ndarray, hypo: np.ndarray, tmax: np.ndarray, voxel_ml: float,
+                     th: Thresholds) -> dict[str, Any]:
+    """Core, hypoperfused (Tmax above threshold, core included), penumbra, severe (Tmax >
+    ``tmax_severe_s``) volumes in mL, mismatch volume and ratio, HIR and the DEFUSE 3-style
+    profile of the masks. One definition for the pipeline's report and for masks a user edited."""
+    hypo = hypo | core
+    core_ml = float(np.count_nonzero(core)) * voxel_ml
+    hypo_ml = float(np.count_nonzero(hypo)) * voxel_ml
+    severe_ml = float(np.count_nonzero(hypo & (tmax > th.tmax_severe_s))) * voxel_ml
+    mismatch_ml = max(hypo_ml - core_ml, 0.0)
+    ratio = hypo_ml / core_ml if core_ml > 0 else None
+    hir = severe_ml / hypo_ml if hypo_ml > 0 else None
+    ratio_met = (ratio is None and hypo_ml > 0) or (ratio is not None and ratio >= th.defuse_mismatch_ratio)
+    return {
+        "core_ml": round(core_ml, 2),
+        "hypoperfusion_ml": round(hypo_ml, 2),
+        "penumbra_ml": round(float(np.count_nonzero(hypo & ~core)) * voxel_ml, 2),
+        "tmax_severe_ml": round(severe_ml, 2),
+        "mismatch_ml": round(mismatch_ml, 2),
+        "mismatch_ratio": None if ratio is None else round(ratio, 2),
+        "hir": None if hir is None else round(hir, 3),
         "defuse3_style": {
             "research_use_only": True,
             "core_below_max": core_ml < th.defuse_core_max_ml,
-            "mismatch_ratio_met": ratio is None and hypo_ml > 0 or (ratio is not None and ratio >= th.defuse_mismatch_ratio),
+            "mismatch_ratio_met": bool(ratio_met),
             "mismatch_volume_met": mismatch_ml >= th.defuse_mismatch_ml,
-            "target_mismatch_profile": bool(target),
+            "target_mismatch_profile": bool(core_ml < th.defuse_core_max_ml and mismatch_ml >= th.defuse_mismatch_ml
+                                            and ratio_met and hypo_ml > 0),
             "note": RESEARCH_NOTE,
         },
     }
-    return core, hypo, penumbra, report
