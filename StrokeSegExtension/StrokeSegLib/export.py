@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,18 +82,33 @@ def _segments_for_dicom(request: ExportRequest) -> list[SegSegment]:
     return segments
 
 
-def export_results(request: ExportRequest) -> dict[str, Path]:
-    """Write every output into ``request.out_dir``; returns name -> path of what was written."""
-    out_dir = Path(request.out_dir)
+@contextmanager
+def _staged(out_dir: Path) -> Iterator[tuple[Path, dict[str, Path]]]:
+    """A temporary folder inside ``out_dir`` and a name -> file dict for the caller to fill. On
+    success every file is moved into ``out_dir`` (the dict then points there); on any error none
+    is, so an export appears whole or not at all, and the stage is removed either way."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".strokeseg-export-", dir=out_dir))
     except OSError as exc:
         raise OutputError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from None
+    written: dict[str, Path] = {}
     try:
+        yield stage, written
+        for key, path in written.items():
+            target = out_dir / path.name
+            os.replace(path, target)
+            written[key] = target
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def export_results(request: ExportRequest) -> dict[str, Path]:
+    """Write every output into ``request.out_dir``; returns name -> path of what was written."""
+    with _staged(Path(request.out_dir)) as (stage, written):
         reference = image_from_volume(request.reference)
         mask = read_mask(request.segmentation, request.lesion_segment_id, request.reference)
-        written = {"mask": write_image(reference.with_array(mask.astype(np.uint8)), stage / MASK_FILE)}
+        written["mask"] = write_image(reference.with_array(mask.astype(np.uint8)), stage / MASK_FILE)
         if request.probability is not None:
             probability = image_from_volume(request.probability)
             written["probability"] = write_image(probability.with_array(probability.array.astype(np.float32)),
@@ -113,14 +129,7 @@ def export_results(request: ExportRequest) -> dict[str, Path]:
                     )
                 except InputError as exc:  # name the volume the user knows
                     raise InputError(request.reference.GetName(), f"DICOM SEG not written: {exc.problem}") from None
-        final = {}
-        for key, path in written.items():
-            target = out_dir / path.name
-            os.replace(path, target)
-            final[key] = target
-        return final
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    return written
 
 
 
@@ -153,14 +162,7 @@ def export_perfusion(out_dir: Path, maps: Mapping[str, Any], masks: Mapping[str,
     """Maps (``<key>.nii.gz``, float32), ``core``/``penumbra.nii.gz`` (uint8), ``perfusion.seg.nrrd``,
     ``report.json`` and ``report.csv`` into ``out_dir``: the command line's file names, staged and
     moved into place only when all were written."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".strokeseg-export-", dir=out_dir))
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from None
-    try:
-        written: dict[str, Path] = {}
+    with _staged(Path(out_dir)) as (stage, written):
         grid = None
         for key, node in maps.items():
             image = image_from_volume(node)
@@ -171,11 +173,4 @@ def export_perfusion(out_dir: Path, maps: Mapping[str, Any], masks: Mapping[str,
         written["segmentation"] = write_segmentation_file(segmentation, stage / PERFUSION_SEGMENTATION_FILE)
         written["report_json"] = write_text(json.dumps(report, indent=2), stage / REPORT_JSON)
         written["report_csv"] = write_text(perfusion_csv(report), stage / REPORT_CSV)
-        final = {}
-        for key, path in written.items():
-            target = out_dir / path.name
-            os.replace(path, target)
-            final[key] = target
-        return final
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    return written
