@@ -7,7 +7,6 @@ PyPI ``slicer-core``. The widget calls it on the main thread; only :class:`Segme
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from .lesionmask import LesionMask, MaskUpdate, settings_from_parameters
 from .parameters import StrokeSegParameters, get_parameter_node
 from .perfusion import PerfusionLogic
 from .segmentation import EDITED_TAG, ROLE_TAG, add_segment, create_segmentation, get_tag, read_mask, write_mask
-from .statistics import update_tables
+from .statistics import read_report, update_tables, write_report
 from .terminology import TERMS
 from .volumes import add_volume_from_image, geometry_from_ijk_to_ras, ijk_to_ras, image_from_node, update_volume_from_image
 
@@ -229,22 +228,12 @@ class StrokeSegLogic:
 
     # -- statistics and report -----------------------------------------------------------
     def stored_report(self) -> dict[str, Any]:
-        node = self.params.report
-        if node is None or not node.GetText():
-            return {}
-        try:
-            return json.loads(node.GetText())
-        except json.JSONDecodeError:
-            return {}
+        return read_report(self.params.report)
 
     def _store_report(self, report: Mapping[str, Any]) -> None:
-        params = self.params
-        node = params.report
-        if node is None:
-            node = self.scene.AddNewNodeByClass("vtkMRMLTextNode", self.scene.GenerateUniqueName(REPORT_NODE_NAME))
-            node.SetAttribute(detection.OUTPUT_ATTRIBUTE, "report")
-            params.report = node
-        node.SetText(json.dumps(report, indent=2))
+        node, created = write_report(self.scene, self.params.report, report, REPORT_NODE_NAME, "report")
+        if created:
+            self.params.report = node
 
     def update_statistics(self) -> dict[str, Any]:
         """Report of the lesion segment as it is now (edits included) into the tables; returns it."""

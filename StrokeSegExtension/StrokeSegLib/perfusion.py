@@ -19,7 +19,6 @@ Settings (modality, echo time, arterial input, thresholds) live in the module's 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -48,7 +47,7 @@ from .segmentation import (
     read_mask,
     write_mask,
 )
-from .statistics import update_perfusion_table
+from .statistics import read_report, update_perfusion_table, write_report
 from .terminology import TERMS
 from .volumes import (
     add_volume_from_image,
@@ -240,12 +239,10 @@ class PerfusionLogic:
         for role, mask in (("core", result.core.array), ("penumbra", result.penumbra.array)):
             self._write_segment(segmentation, role, np.asarray(mask), reference)
 
-        report_node = p.perfusionReport
-        if report_node is None:
-            report_node = self.scene.AddNewNodeByClass("vtkMRMLTextNode", self.scene.GenerateUniqueName(REPORT_NODE_NAME))
-            report_node.SetAttribute(detection.OUTPUT_ATTRIBUTE, "perfusion-report")
+        report_node, new = write_report(self.scene, p.perfusionReport, {**result.report, "series": base},
+                                        REPORT_NODE_NAME, "perfusion-report")
+        if new:
             created.append(report_node)
-        report_node.SetText(json.dumps({**result.report, "series": base}, indent=2))
 
         was = p.node.StartModify()
         try:
@@ -288,13 +285,7 @@ class PerfusionLogic:
 
     def stored_report(self) -> dict[str, Any]:
         """The engine's report of the last run (with the series name)."""
-        node = self.params.perfusionReport
-        if node is None or not node.GetText():
-            return {}
-        try:
-            return json.loads(node.GetText())
-        except json.JSONDecodeError:
-            return {}
+        return read_report(self.params.perfusionReport)
 
     def current_masks(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """(core, penumbra, edited) from the segments as they are now; penumbra excludes the core."""

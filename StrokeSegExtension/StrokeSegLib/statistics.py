@@ -7,6 +7,7 @@ table views, are saved with the scene and export to CSV/TSV.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -162,3 +163,26 @@ def update_perfusion_table(scene: Any, report: Mapping[str, Any], table_node: An
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("StrokeSeg perfusion"))
     _fill(table_node, SUMMARY_COLUMNS, perfusion_rows(report))
     return table_node
+
+
+def read_report(node: Any) -> dict[str, Any]:
+    """The JSON report kept in a text node; {} when there is none (or it is not JSON)."""
+    if node is None or not node.GetText():
+        return {}
+    try:
+        return json.loads(node.GetText())
+    except json.JSONDecodeError:
+        return {}
+
+
+def write_report(scene: Any, node: Any, report: Mapping[str, Any], name: str, role: str) -> tuple[Any, bool]:
+    """``report`` as JSON into ``node``, or into a new text node named ``name`` and marked as the
+    module's output ``role`` (so detection skips it); returns (node, created)."""
+    from . import detection
+
+    created = node is None
+    if created:
+        node = scene.AddNewNodeByClass("vtkMRMLTextNode", scene.GenerateUniqueName(name))
+        node.SetAttribute(detection.OUTPUT_ATTRIBUTE, role)
+    node.SetText(json.dumps(report, indent=2))
+    return node, created
