@@ -87,6 +87,32 @@ def territory_summary(region: Region | None, terr) -> tuple[list[str], dict[str,
     return named, terr_ml
 
 
+def lesion_info(acute, mask: np.ndarray, ref: Image, total_1mm: float, terr, pose) -> dict[str, Any]:
+    """case.json's lesion fields (shapes used, volumes on the acquired grid and at 1 mm, counts,
+    territories, hemispheres), shared by every phantom made from the lesion library."""
+    named, terr_ml = territory_summary(acute.region, terr)
+    return {
+        "library_files": list(acute.files),
+        "library_files_flipped_lr": list(acute.flipped),
+        "lesion_source": acute.source if acute.region is not None else "none",
+        "pattern": acute.pattern if acute.region is not None else "none",
+        "lesion_volume_ml": round(float(mask.sum()) * ref.voxel_volume_ml, 4),
+        "lesion_volume_ml_1mm": round(float(total_1mm), 4),
+        "n_lesions": int(cc3d.connected_components(mask, connectivity=26, return_N=True)[1]) if mask.any() else 0,
+        "n_lesions_1mm": int(acute.components),
+        "territories": named,
+        "territory_volumes_ml": {k: round(v * pose.volume_factor, 4) for k, v in terr_ml.items()},
+        "territory_atlas": terr.source,
+        "hemispheres": _hemispheres(acute.region),
+    }
+
+
+def distractor_info(distractors, pose) -> list[dict[str, Any]]:
+    """case.json's description of the non-acute look-alikes (kind, volume in mL, parameters)."""
+    return [{"kind": d.kind, "volume_ml": round(d.region.volume_ml * pose.volume_factor, 3),
+             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.params.items()}} for d in distractors]
+
+
 def _hemispheres(region: Region | None) -> list[str]:
     if region is None:
         return []
@@ -241,9 +267,7 @@ def simulate_dwi(seed: int, lesion_library: str | Path | None = None, split: str
         images["flair"] = fref.with_array(np.clip(np.round(fl), 0, 32767).astype(np.int16))
         flair_info = {**facq.as_dict(), "te_ms": round(c_fl.te, 2), "tr_ms": round(c_fl.tr, 1), "ti_ms": round(c_fl.ti, 1)}
 
-    n_lesions = int(cc3d.connected_components(mask, connectivity=26, return_N=True)[1]) if mask.any() else 0
     total_1mm = acute.region.volume_ml * pose.volume_factor if acute.region is not None else 0.0
-    named, terr_ml = territory_summary(acute.region, terr)
     info = {
         "case_id": case_id_for(seed, split),
         "modality": "dwi",
@@ -252,20 +276,9 @@ def simulate_dwi(seed: int, lesion_library: str | Path | None = None, split: str
         "seed": int(seed),
         "split": split,
         "lesion_library": library,
-        "library_files": list(acute.files),
-        "library_files_flipped_lr": list(acute.flipped),
-        "lesion_source": acute.source if acute.region is not None else "none",
-        "pattern": acute.pattern if acute.region is not None else "none",
-        "lesion_volume_ml": round(float(mask.sum()) * ref.voxel_volume_ml, 4),
-        "lesion_volume_ml_1mm": round(float(total_1mm), 4),
-        "n_lesions": n_lesions,
-        "n_lesions_1mm": int(acute.components),
-        "territories": named,
-        "territory_volumes_ml": {k: round(v * pose.volume_factor, 4) for k, v in terr_ml.items()},
-        "territory_atlas": terr.source,
-        "hemispheres": _hemispheres(acute.region),
+        **lesion_info(acute, mask, ref, total_1mm, terr, pose),
         "adc_reduction": _float_list(acute.adc_reduction),
-        "distractors": [{"kind": d.kind, "volume_ml": round(d.region.volume_ml * pose.volume_factor, 3), **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.params.items()}} for d in distractors],
+        "distractors": distractor_info(distractors, pose),
         "subject": pose.info,
         "tissue": tp.as_dict(),
         "acquisition": {**acq.as_dict(), "b_value": B_VALUE, "te_ms": round(te, 2), "tr_ms": round(tr, 1),

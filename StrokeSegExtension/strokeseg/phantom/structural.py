@@ -33,14 +33,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import cc3d
 import numpy as np
 from scipy import ndimage
 
 from ..image import Image
 from . import acquisition as acqm
 from .anatomy import HeadModel, head_model
-from .cases import _SPLIT_CODE, PhantomCase, _hemispheres, case_id_for, lesion_on_grid, territory_summary
+from .cases import _SPLIT_CODE, PhantomCase, case_id_for, distractor_info, lesion_info, lesion_on_grid
 from .lesions import PATTERNS, AcuteLesions, Distractor, _deep_masks, heterogeneity, make_acute, make_distractors
 from .library import Region, default_atlas_for, library_index, territories
 from .mr_signal import B_VALUE, Contrast, TissueParams, draw_tissue_params, signal_maps
@@ -399,8 +398,6 @@ def simulate_structural(modality: str, seed: int, lesion_library: str | Path | N
     frac = lesion_on_grid(acute.region, pose, ref, acq.thickness)
     mask = (frac >= 0.5).astype(np.uint8)
     lesion = ref.with_array(mask)
-    n_lesions = int(cc3d.connected_components(mask, connectivity=26, return_N=True)[1]) if mask.any() else 0
-    named, terr_ml = territory_summary(acute.region, terr)
     total_1mm = scanner_volume_ml(acute.region, pose)
     info = {
         "case_id": case_id_for(seed, split, modality),
@@ -411,21 +408,9 @@ def simulate_structural(modality: str, seed: int, lesion_library: str | Path | N
         "seed": int(seed),
         "split": split,
         "lesion_library": library,
-        "library_files": list(acute.files),
-        "library_files_flipped_lr": list(acute.flipped),
-        "lesion_source": acute.source if acute.region is not None else "none",
-        "pattern": acute.pattern if acute.region is not None else "none",
+        **lesion_info(acute, mask, ref, total_1mm, terr, pose),
         **stage_info,
-        "lesion_volume_ml": round(float(mask.sum()) * ref.voxel_volume_ml, 4),
-        "lesion_volume_ml_1mm": round(float(total_1mm), 4),
-        "n_lesions": n_lesions,
-        "n_lesions_1mm": int(acute.components),
-        "territories": named,
-        "territory_volumes_ml": {k: round(v * pose.volume_factor, 4) for k, v in terr_ml.items()},
-        "territory_atlas": terr.source,
-        "hemispheres": _hemispheres(acute.region),
-        "distractors": [{"kind": d.kind, "volume_ml": round(d.region.volume_ml * pose.volume_factor, 3),
-                         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.params.items()}} for d in distractors],
+        "distractors": distractor_info(distractors, pose),
         "subject": pose.info,
         "tissue": tp.as_dict(),
         "acquisition": {**acq.as_dict(), "grid": grid, "three_d": three_d, "field_strength_t": field_t,
