@@ -127,9 +127,7 @@ class StrokeSegLogic:
         """Probability volume, lesion segment, statistics and report from an engine result."""
         card = result.card
         nodes = self.input_nodes()
-        reference = nodes.get(card.reference_input)
-        if reference is None:
-            raise InputError(None, f"the reference input '{card.reference_input}' is no longer selected")
+        reference = _reference_node(card, nodes)
         params = self.params
         probability = params.probabilityVolume
         prob_image = result.probability.with_array(np.asarray(result.probability.array, dtype=np.float32))
@@ -305,6 +303,18 @@ class StrokeSegLogic:
             Path(folder), params.referenceVolume, params.probabilityVolume, params.segmentation,
             self.lesion_mask().segment_id, report, params.exportDicomSeg, self.file_for_instance, __version__,
         ))
+
+
+def _reference_node(card: ModelCard, nodes: Mapping[str, Any]) -> Any:
+    """The volume whose grid the results share: the card's reference input, or, when the engine
+    derived it (perfusion maps from a raw 4D series, ADC from b0 + DWI), the volume it came from,
+    which has the same grid."""
+    node = nodes.get(card.reference_input)
+    if node is None:
+        node = next((nodes[k] for k in card.derivable.get(card.reference_input, []) if k in nodes), None)
+    if node is None:
+        raise InputError(None, f"the reference input '{card.reference_input}' is no longer selected")
+    return node
 
 
 def _references(segmentation: Any, reference: Any) -> bool:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from strokeseg.models import get_card, load_registry
 from strokeseg.phantom import simulate_dwi
@@ -55,3 +56,19 @@ def test_dwi_recipe_end_to_end_smoke(tmp_path):
 def test_config_overrides_parse_json():
     cfg = load_config(CONFIG, ["train.steps=7", "card.patch_size=[8,8,8]", "data.note=plain text"])
     assert cfg["train"]["steps"] == 7 and cfg["card"]["patch_size"] == [8, 8, 8] and cfg["data"]["note"] == "plain text"
+
+
+def test_perfusion_phantoms_the_engine_refuses_are_skipped_once_with_the_reason(tmp_path, monkeypatch):
+    """A phantom series the perfusion pipeline refuses (here: too few frames) is no training case:
+    no npz, no case folder, a marker with the engine's reason, and no second simulation."""
+    from strokeseg_training import data
+
+    cfg = load_config(Path(CONFIG).with_name("ctp_unet.json"), [
+        f"data.cache_dir={tmp_path / 'cache'}", "data.lesion_library=null", "data.n_val=2",
+        'data.phantom_options={"size":[32,32,4],"frames":4,"motion":false}'])
+    files, cases = data.build_split(cfg, "val", workers=1)
+    assert files == [] and not any(cases.iterdir())
+    markers = sorted(cases.parent.joinpath("npz").glob(f"*{data.REFUSED_SUFFIX}"))
+    assert len(markers) == 2 and "no perfusion maps" in markers[0].read_text(encoding="utf-8")
+    monkeypatch.setattr(data, "_make_one", lambda args: pytest.fail("a refused seed was simulated again"))
+    assert data.build_split(cfg, "val", workers=1)[0] == []

@@ -47,15 +47,22 @@ def _library(cfg: dict[str, Any]) -> str | None:
 
 
 STRUCTURAL_PHANTOMS = ("t1", "siss")  # data.modality values made by strokeseg.phantom.simulate_structural
+PERFUSION_PHANTOMS = ("ctp", "pwi")  # data.modality values made by strokeseg.phantom.perfusion.simulate_perfusion
+REFUSED_SUFFIX = ".refused.txt"  # a phantom series the perfusion pipeline refuses: skipped, with the reason
 
 
 def _cache_key(cfg: dict[str, Any], split: str) -> str:
-    """``data_key``, plus the structural generator's version for t1/siss phantoms (other keys unchanged)."""
-    if cfg["data"].get("modality") not in STRUCTURAL_PHANTOMS:
-        return data_key(cfg, split)
-    from strokeseg.phantom import STRUCTURAL_VERSION
+    """``data_key``, plus the generator's version for structural and perfusion phantoms (DWI keys unchanged)."""
+    modality = cfg["data"].get("modality")
+    if modality in STRUCTURAL_PHANTOMS:
+        from strokeseg.phantom import STRUCTURAL_VERSION
 
-    return data_key({**cfg, "data": {**cfg["data"], "_structural_generator": STRUCTURAL_VERSION}}, split)
+        return data_key({**cfg, "data": {**cfg["data"], "_structural_generator": STRUCTURAL_VERSION}}, split)
+    if modality in PERFUSION_PHANTOMS:
+        from strokeseg.phantom.perfusion import GENERATOR_VERSION
+
+        return data_key({**cfg, "data": {**cfg["data"], "_perfusion_generator": GENERATOR_VERSION}}, split)
+    return data_key(cfg, split)
 
 
 def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
@@ -64,14 +71,19 @@ def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
     from strokeseg.phantom import simulate_dwi, write_case
 
     card = card_of(cfg)
-    if cfg["data"]["modality"] == "pwi":  # MR perfusion: the maps our deconvolution computes are the inputs
+    modality = cfg["data"]["modality"]
+    if modality in PERFUSION_PHANTOMS:  # the maps our deconvolution computes are the inputs; the label is the core
         from strokeseg.phantom.perfusion import simulate_perfusion, write_perfusion_case
 
-        case = simulate_perfusion(seed, "pwi", _library(cfg), split, **cfg["data"].get("phantom_options", {}))
+        case = simulate_perfusion(seed, modality, _library(cfg), split, **cfg["data"].get("phantom_options", {}))
         if "error" in case.info.get("computed", {}):
-            raise RuntimeError(f"pwi phantom {case.case_id}: no perfusion maps ({case.info['computed']['error']})")
+            # The engine refuses this series (e.g. motion beyond correction), as it would a user's:
+            # no maps, so no training case. The marker keeps the seed from being re-simulated.
+            reason = f"{case.case_id}: no perfusion maps ({case.info['computed']['error']})"
+            (Path(cache_dir) / f"{case.case_id}{REFUSED_SUFFIX}").write_text(reason + "\n", encoding="utf-8")
+            return reason
         write = write_perfusion_case
-    elif cfg["data"]["modality"] in STRUCTURAL_PHANTOMS:  # chronic T1 (ATLAS-like) / sub-acute T1-T2-FLAIR-DWI (SISS-like)
+    elif modality in STRUCTURAL_PHANTOMS:  # chronic T1 (ATLAS-like) / sub-acute T1-T2-FLAIR-DWI (SISS-like)
         from strokeseg.phantom import simulate_structural
 
         case = simulate_structural(cfg["data"]["modality"], seed, _library(cfg), split, **cfg["data"].get("phantom_options", {}))
@@ -110,7 +122,7 @@ def build_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tuple[l
     todo = []
     for i in range(n):
         seed = seed0 + i
-        if not (cache_dir / f"{data['modality']}-{seed:05d}.npz").is_file() and not any(cache_dir.glob(f"*-{seed:05d}.npz")):
+        if not any(cache_dir.glob(f"*-{seed:05d}.npz")) and not any(cache_dir.glob(f"*-{seed:05d}{REFUSED_SUFFIX}")):
             todo.append((cfg, split, seed, str(cache_dir), str(case_root)))
     if todo:
         if workers > 1:
@@ -119,6 +131,10 @@ def build_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tuple[l
         else:
             for t in tqdm(todo, desc=f"phantoms ({split})", unit="case"):
                 _make_one(t)
+    refused = sorted(cache_dir.glob(f"*{REFUSED_SUFFIX}"))
+    if refused:
+        print(f"{split}: {len(refused)} of {n} phantoms skipped, refused by the engine as a user's scan would be "
+              f"(first: {refused[0].read_text(encoding='utf-8').strip()})")
     files = sorted(cache_dir.glob("*.npz"))[:n]
     return files, case_root
 
