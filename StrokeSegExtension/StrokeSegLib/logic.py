@@ -31,7 +31,14 @@ from .perfusion import PerfusionLogic
 from .segmentation import EDITED_TAG, ROLE_TAG, add_segment, create_segmentation, get_tag, read_mask, write_mask
 from .statistics import read_report, update_tables, write_report
 from .terminology import TERMS
-from .volumes import add_volume_from_image, geometry_from_ijk_to_ras, ijk_to_ras, image_from_node, update_volume_from_image
+from .volumes import (
+    add_volume_from_image,
+    geometry_from_ijk_to_ras,
+    ijk_to_ras,
+    image_from_node,
+    proxy_for_sequence,
+    update_volume_from_image,
+)
 
 REPORT_NODE_NAME = "StrokeSeg report"
 
@@ -127,7 +134,7 @@ class StrokeSegLogic:
         """Probability volume, lesion segment, statistics and report from an engine result."""
         card = result.card
         nodes = self.input_nodes()
-        reference = _reference_node(card, nodes)
+        reference = _reference_node(self.scene, card, nodes)
         params = self.params
         probability = params.probabilityVolume
         prob_image = result.probability.with_array(np.asarray(result.probability.array, dtype=np.float32))
@@ -305,15 +312,20 @@ class StrokeSegLogic:
         ))
 
 
-def _reference_node(card: ModelCard, nodes: Mapping[str, Any]) -> Any:
+def _reference_node(scene: Any, card: ModelCard, nodes: Mapping[str, Any]) -> Any:
     """The volume whose grid the results share: the card's reference input, or, when the engine
     derived it (perfusion maps from a raw 4D series, ADC from b0 + DWI), the volume it came from,
-    which has the same grid."""
+    which has the same grid; for a Sequence, the proxy volume its browser shows."""
     node = nodes.get(card.reference_input)
     if node is None:
         node = next((nodes[k] for k in card.derivable.get(card.reference_input, []) if k in nodes), None)
     if node is None:
         raise InputError(None, f"the reference input '{card.reference_input}' is no longer selected")
+    if node.IsA("vtkMRMLSequenceNode"):
+        proxy = proxy_for_sequence(scene, node)
+        if proxy is None:
+            raise InputError(node.GetName(), "4D series without a sequence browser: show it in the Sequences module first")
+        node = proxy
     return node
 
 

@@ -165,6 +165,17 @@ def sequence_for_proxy(scene: Any, node: Any):
     return None
 
 
+def proxy_for_sequence(scene: Any, sequence: Any):
+    """The volume a sequence browser shows for ``sequence`` (what the user sees of it), or None."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+        browser = scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
+        if browser.IsSynchronizedSequenceNodeID(sequence.GetID(), True):
+            proxy = browser.GetProxyNode(sequence)
+            if proxy is not None:
+                return proxy
+    return None
+
+
 def image_from_sequence(sequence: Any, max_frames: int | None = None) -> Image:
     """A Sequence node of scalar volumes as a (t, z, y, x) Image with frame times in seconds
     (the first ``max_frames`` frames only, when given: enough to classify a series)."""

@@ -145,6 +145,16 @@ def normalise(array: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
         vals = np.sort(a[fg].ravel())
         out = np.searchsorted(vals, a, side="right").astype(np.float32) / max(len(vals), 1)
         return np.where(fg, out, 0.0).astype(np.float32)
+    if method == "relative":
+        # Perfusion maps relative to typical parenchyma (the median over the map's non-zero voxels,
+        # i.e. the pipeline's tissue mask): CBF and CBV scale with the arterial input's partial
+        # volume and differ between scanners and tools, while the clinical rules are relative
+        # (core: CBF < 30% of healthy tissue), so the network should see rCBF / rCBV.
+        tissue = np.isfinite(a) & (a > 0)
+        if tissue.sum() < 10:
+            return np.zeros_like(a)
+        ref = float(np.median(a[tissue])) or 1.0
+        return np.clip(np.nan_to_num(a / ref), 0.0, float(spec.get("clip", 4.0))).astype(np.float32)
     raise ValueError(f"unknown normalisation method '{method}'")
 
 

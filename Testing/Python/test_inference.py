@@ -117,3 +117,18 @@ def test_normalisation_methods():
     np.testing.assert_allclose(w, [0, 0.5, 1])
     with pytest.raises(ValueError):
         normalise(a, {"method": "nope"})
+
+
+def test_relative_normalisation_gives_flow_relative_to_typical_tissue_whatever_the_scale():
+    """CBF maps of one brain from two tools (absolute scales differ by 2.7x): the same relative map,
+    healthy tissue ~1, a core at 20% of normal flow ~0.2; outside the tissue mask stays 0."""
+    rng = np.random.default_rng(3)
+    cbf = np.zeros((8, 32, 32), np.float32)
+    cbf[:, 4:28, 4:28] = rng.normal(50.0, 3.0, (8, 24, 24))  # healthy parenchyma, mL/100 g/min
+    cbf[:, 8:14, 8:14] = 10.0  # core
+    r1 = normalise(cbf, {"method": "relative", "clip": 4.0})
+    r2 = normalise(2.7 * cbf, {"method": "relative", "clip": 4.0})
+    np.testing.assert_allclose(r1, r2, atol=1e-5)
+    assert abs(np.median(r1[:, 16:28, 16:28]) - 1.0) < 0.05 and abs(r1[0, 10, 10] - 0.2) < 0.02
+    assert (r1[:, :4] == 0).all()
+    assert (normalise(np.zeros((4, 4, 4), np.float32), {"method": "relative"}) == 0).all()
