@@ -393,9 +393,7 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None:
             return
         self._parameterNode.model = self.ui.modelComboBox.itemData(index) or "auto"
-        card = self._updateModelDescription()
-        if card is not None and not self.logic.core.has_result():
-            self.logic.core.apply_model_defaults(card)
+        self._updateModelDescription()
 
     def onDeviceChanged(self, index) -> None:
         if self._parameterNode is None:
@@ -416,6 +414,7 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
         self.ui.modelDescriptionLabel.text = card.describe()
         self._updateInputRows(card)
+        self.logic.core.follow_model_defaults(card)  # sliders show the tuned settings of the model that will run
         return card
 
     def _updateInputRows(self, card) -> None:

@@ -92,8 +92,18 @@ class StrokeSegLogic:
             params.threshold = min(max(card.threshold, 0.01), 0.99)
             params.closingMm = min(card.closing_mm, 10.0)
             params.minLesionMl = min(card.min_lesion_ml, 20.0)
+            params.settingsFromModel = card.id
         finally:
             params.node.EndModify(was)
+
+    def follow_model_defaults(self, card: ModelCard) -> bool:
+        """Before the first result, the sliders follow the model that will run: when "auto" moves
+        to another model (other inputs detected), its tuned settings replace the previous model's.
+        Changes the user made for the current model are kept. True when the settings changed."""
+        if self.has_result() or self.params.settingsFromModel == card.id:
+            return False
+        self.apply_model_defaults(card)
+        return True
 
     def gather_images(self, card: ModelCard | None = None) -> dict[str, Image]:
         """Voxel copies of the inputs the model uses (main thread only: reads MRML)."""
@@ -116,6 +126,7 @@ class StrokeSegLogic:
     def create_job(self, device: str | None = None) -> SegmentationJob:
         """A not-yet-started job on copies of the inputs (start it, poll it, then :meth:`apply_result`)."""
         card = self.selected_card()
+        self.follow_model_defaults(card)
         images = self.gather_images(card)
         return SegmentationJob(images, model=card, device=device or self.params.device, settings=self.settings(),
                                models_dir=paths.models_dir())

@@ -105,6 +105,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("closingMm", "float", 0.0, minimum=0.0, maximum=10.0, doc="closing radius (mm)"),
     Parameter("minLesionMl", "float", 0.0, minimum=0.0, maximum=20.0, doc="minimum lesion volume (mL)"),
     Parameter("fillHoles", "bool", True, doc="fill enclosed holes of lesions"),
+    Parameter("settingsFromModel", "str", "", doc="model whose tuned post-processing the sliders were last set to"),
     Parameter("probabilityOpacity", "float", 0.5, minimum=0.0, maximum=1.0, doc="probability overlay opacity"),
     Parameter("referenceVolume", "node", None, (VOLUME_CLASS,), doc="grid of the current result"),
     Parameter("probabilityVolume", "node", None, (VOLUME_CLASS,), doc="lesion probability map (0..1)"),

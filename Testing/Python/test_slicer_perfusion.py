@@ -186,6 +186,43 @@ def test_multivolume_node_gives_the_engines_maps(tmp_path, engine):
     assert logic.perfusion.stored_report()["core_ml"] == pytest.approx(expected.report["core_ml"], abs=0.02)
 
 
+def test_a_raw_ctp_sequence_alone_runs_the_bundled_ctp_model_on_its_grid(tmp_path, series_file):
+    """The lesion path with only a 4D CTP loaded: the CT-perfusion model is chosen, the engine
+    derives its maps from the series, and the probability and lesion segment lie on the grid of
+    the sequence's proxy volume (what the user sees), equal to the engine's own run."""
+    from strokeseg.pipeline import segment_images
+    from StrokeSegLib.volumes import proxy_for_sequence
+
+    ctx, logic, sequence = _scene(tmp_path, series_file)
+    logic.detect_inputs()
+    card = logic.selected_card()
+    assert card.family == "ctp" and set(logic.gather_images(card)) == {"ctp"}
+    logic.segment(device="cpu")
+    p = logic.params
+    proxy = proxy_for_sequence(ctx.scene, sequence)
+    assert p.referenceVolume.GetID() == proxy.GetID()
+    assert np.array_equal(ijk_to_ras(p.probabilityVolume), ijk_to_ras(proxy))
+    expected = segment_images({"ctp": load_series(series_file)}, model=card, device="cpu")
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(p.probabilityVolume), expected.probability.array, atol=1e-4)
+    mask = read_mask(p.segmentation, p.lesionSegmentId, p.referenceVolume) > 0
+    assert logic.settings() == expected.settings  # the card's tuned post-processing, as the engine applies it
+    assert np.array_equal(mask, expected.mask.array > 0)
+
+
+def test_sliders_follow_the_auto_model_until_the_user_sets_them(tmp_path, series_file):
+    from strokeseg.models import get_card
+
+    ctx, logic, sequence = _scene(tmp_path, series_file)
+    logic.detect_inputs()
+    p, card = logic.params, logic.selected_card()
+    assert p.settingsFromModel == "" and logic.follow_model_defaults(card)
+    assert (p.threshold, p.closingMm, p.minLesionMl) == pytest.approx((card.threshold, card.closing_mm, card.min_lesion_ml))
+    p.threshold = 0.42  # the user's choice for this model is kept
+    assert not logic.follow_model_defaults(card) and p.threshold == pytest.approx(0.42)
+    other = get_card("dwi-unet")  # other inputs, another model: its tuned settings
+    assert logic.follow_model_defaults(other) and p.threshold == pytest.approx(other.threshold)
+
+
 # -- settings --------------------------------------------------------------------------------------
 def test_threshold_defaults_are_the_engines():
     engine_defaults = asdict(Thresholds())

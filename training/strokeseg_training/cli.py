@@ -77,8 +77,12 @@ def do_export(cfg: dict, command: str) -> Path:
             flat[f"{k}_median"] = metrics[k].get("median")
             flat[f"{k}_mean"] = metrics[k].get("mean")
     validation = {"dataset": f"held-out phantoms (test split: seeds {cfg['data'].get('seed', 0) + 900000}+, "
-                             f"lesion shapes never used in training)", "n_cases": int(cfg["data"]["n_test"]),
+                             f"lesion shapes never used in training)",
+                  # the cases actually evaluated: perfusion phantoms the engine refuses are not test cases
+                  "n_cases": int(test.get("n_cases", cfg["data"]["n_test"])),
                   "metrics": {k: v for k, v in flat.items() if v is not None}}
+    # What reproduces the model: the same config and overrides through every step.
+    command = command.replace("strokeseg-train export ", "strokeseg-train all ", 1)
     training = {"data": cfg["data"].get("description", "StrokeSeg phantoms"), "command": command,
                 "seed": int(cfg["train"].get("seed", 0)), "duration_s": round(float(tsum["duration_s"]), 1),
                 "device": tsum["device"], "steps": tsum["steps_done"]}
