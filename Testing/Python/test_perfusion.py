@@ -101,6 +101,30 @@ def test_deconvolution_ranks_flow():
         assert np.all(np.diff(maps.cbf[sel]) > 0)
 
 
+def test_cutoff_floor_steadies_the_flow_of_noisy_curves():
+    """CT-like noise on replicates of a healthy and a core-like curve: plain oSVD scatters the
+    replicates over cut-offs, and their CBF with them; a floor gives them one regularisation."""
+    dt, n, reps = 1.5, 36, 300
+    cases = [(50.0, 4.0, 1.0, 1.0), (5.0, 12.0, 6.0, 1.0)]
+    aif, conc = _synthetic_curves(dt, n, cases)
+    rng = np.random.default_rng(3)
+    sigma = 0.08 * float(conc[:, 0].max())  # ~1 HU against a 10-15 HU grey-matter bolus
+    noisy = np.repeat(conc, reps, axis=1) + rng.normal(0, sigma, (n, 2 * reps)).astype(np.float32)
+    plain = deconvolve(noisy, aif, dt)
+    floor = deconvolve(noisy, aif, dt, min_cutoff=0.3)
+    assert plain.cutoff.min() < 0.3 <= floor.cutoff.min() + 1e-6
+    healthy = slice(0, reps)
+    cv = lambda m: np.std(m.cbf[healthy]) / np.mean(m.cbf[healthy])  # noqa: E731
+    assert cv(floor) < 0.8 * cv(plain)
+    # No floor is plain oSVD; a floor changes nothing for curves already regularised above it.
+    same = deconvolve(noisy, aif, dt, min_cutoff=None)
+    assert np.array_equal(same.cbf, plain.cbf)
+    above = plain.cutoff >= 0.3 - 1e-6
+    assert above.any() and np.allclose(floor.cbf[above], plain.cbf[above])
+    with pytest.raises(ValueError, match="min_cutoff"):
+        deconvolve(noisy, aif, dt, min_cutoff=1.5)
+
+
 # -- denoising -------------------------------------------------------------------------------------
 
 
@@ -172,6 +196,9 @@ def test_denoise_setting_is_checked_and_reported(small_ct, small_ct_result):
         run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(denoise="median", motion_correction=False))
     res = run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(denoise="gaussian", motion_correction=False))
     assert res.report["settings"]["denoise"] == "gaussian" and res.report["settings"]["smooth_mm"] == 3.0
+    assert small_ct_result.report["settings"]["min_cutoff"] == 0.3  # the CT default (MR: plain oSVD)
+    with pytest.raises(InputError, match="min_cutoff"):
+        run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(min_cutoff=1.2, motion_correction=False))
 
 
 # -- concentration and timing ----------------------------------------------------------------------

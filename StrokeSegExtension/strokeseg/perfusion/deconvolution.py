@@ -15,6 +15,15 @@ below the threshold (Wu et al.'s 0.035, raised to 5/L for short series). Impleme
 voxels at once: the SVD is done once, the residue is built up singular vector by singular vector
 (a rank-one update per step) and each voxel keeps the values of its last passing cut-off.
 
+A floor on the cut-off (``min_cutoff``): with CT's per-frame SNR the oscillation index of a
+single voxel's residue is itself noisy, so neighbouring voxels of the same tissue end on cut-offs
+from 5% to 40%, and the peak loss that comes with each (20-40% for healthy tissue) turns into
+voxel-to-voxel noise in CBF. Below the floor no cut-off is tried: the parenchyma shares one
+regularisation (one low-pass filter, whose peak loss the tables below describe and the CT core
+reference corrects), and only curves that still oscillate at the floor are regularised further.
+On the CTP phantoms' val split a 30% floor raised the CBF rank correlation with the truth from
+0.894 to 0.911 (median of 23 cases; flat between 25% and 40%), core volumes unchanged.
+
 Tmax: the truncated SVD of a circulant matrix is a fixed low-pass filter, which moves the peak of
 a residue later by an amount that depends on the cut-off and the residue's shape but not on the
 delay; that shift is tabulated once per AIF and subtracted (``correct_tmax_bias``), which takes
@@ -139,6 +148,7 @@ def deconvolve(
     cutoffs: tuple[float, ...] = CUTOFFS,
     chunk: int = 32768,
     correct_tmax_bias: bool = True,
+    min_cutoff: float | None = None,
     cancel: threading.Event | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> DeconvolutionMaps:
@@ -147,13 +157,21 @@ def deconvolve(
     ``oi`` None: Wu's 0.035, raised to 5/L for short series. The onset of a clean residue (a step
     from zero to its peak) and the ringing any truncation puts around it contribute ~2.5-5/L to
     the oscillation index, so with few samples (e.g. 25 frames at 2 s) a fixed 0.035 regularises
-    even noise-free curves and halves CBF; 5/L keeps the criterion about noise."""
+    even noise-free curves and halves CBF; 5/L keeps the criterion about noise.
+
+    ``min_cutoff``: the least regularisation any voxel gets (fraction of the largest singular
+    value; None: none, plain oSVD); cut-offs below it are not tried."""
     conc = np.asarray(conc, dtype=np.float32)
     n_t, n_vox = conc.shape
     if aif.shape != (n_t,):
         raise ValueError(f"AIF has {aif.shape} samples, tissue curves {n_t}")
     L = 2 * n_t
     oi = max(DEFAULT_OI, 5.0 / L) if oi is None else oi
+    if min_cutoff is not None:
+        if not 0.0 < min_cutoff < 1.0:
+            raise ValueError(f"min_cutoff must lie in (0, 1), got {min_cutoff}")
+        kept = tuple(p for p in cutoffs if p >= min_cutoff - 1e-9)
+        cutoffs = kept if kept else (float(min_cutoff),)
     u, s, vt = np.linalg.svd(aif_matrix(aif, dt))
     ks = []
     for p in sorted(cutoffs, reverse=True):

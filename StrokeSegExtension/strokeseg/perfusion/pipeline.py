@@ -3,7 +3,7 @@
 Steps: validate times -> rigid motion correction -> bolus timing from the head-average curve
 -> masks from the baseline average -> concentration (CT dHU, MR dR2*) -> AIF/VOF -> in-plane
 denoising of the tissue curves (guided bilateral or masked Gaussian, ``denoise``) -> uniform time
-grid -> oSVD deconvolution -> maps -> decision volumes. ``run_perfusion`` is the Python API (the Slicer module calls it from a worker
+grid -> oSVD deconvolution (CT: with a floor on the cut-off) -> maps -> decision volumes. ``run_perfusion`` is the Python API (the Slicer module calls it from a worker
 thread, with progress and cancel); ``write_perfusion`` writes the DESIGN.md outputs, all or none.
 """
 
@@ -43,6 +43,11 @@ OUTPUT_FILES = tuple(f"{m}.nii.gz" for m in MAP_NAMES) + ("core.nii.gz", "penumb
 DENOISE = {"ct": "bilateral", "mr": "bilateral"}
 SMOOTH_MM = {("ct", "bilateral"): 5.0, ("ct", "gaussian"): 3.0, ("mr", "bilateral"): 3.0, ("mr", "gaussian"): 2.0}
 DENOISE_METHODS = ("bilateral", "gaussian")
+# Least SVD cut-off per modality (see deconvolution): CT's noisy single-voxel oscillation index
+# otherwise scatters the parenchyma over cut-offs of 5-40% and its CBF with them (CT CBF rank, val
+# 0.894 -> 0.911, test 0.852 -> 0.888; core volumes about unchanged). MR keeps plain oSVD: it meets
+# its targets with it, and the floor was only evaluated on CT.
+MIN_CUTOFF = {"ct": 0.3, "mr": None}
 
 
 @dataclass
@@ -54,6 +59,7 @@ class PerfusionSettings:
     h_anatomy: float | None = 1.5  # bilateral: baseline-image range width, in noise SDs (None: no anatomy guide)
     h_perfusion: float | None = 4.0  # bilateral: bolus-amplitude range width, in noise SDs (None: no perfusion guide)
     oi: float | None = None  # None: DEFAULT_OI, raised for short series (see deconvolve)
+    min_cutoff: float | None = None  # least SVD cut-off (fraction of s_max); None: per modality (MIN_CUTOFF); 0: none
     pv_correction: bool = True
     correct_tmax_bias: bool = True
     reference_gain: bool = True  # CT core reference corrected for the regularisation (see decision)
@@ -165,6 +171,8 @@ def run_perfusion(
         th.validate()
     except ValueError as exc:
         raise InputError(None, str(exc)) from None
+    if st.min_cutoff is not None and not (np.isfinite(st.min_cutoff) and 0.0 <= st.min_cutoff < 1.0):
+        raise InputError(None, f"min_cutoff must lie in [0, 1), got {st.min_cutoff!r}")
     if st.denoise is not None and st.denoise not in DENOISE_METHODS:
         raise InputError(None, f"denoise must be one of {', '.join(DENOISE_METHODS)}, got {st.denoise!r}")
     where = series.meta.get("source")
@@ -239,8 +247,10 @@ def run_perfusion(
     _check(cancel)
 
     t = time.perf_counter()
+    min_cutoff = st.min_cutoff if st.min_cutoff is not None else MIN_CUTOFF[kind]
+    min_cutoff = min_cutoff or None  # 0: plain oSVD
     dec = deconvolve(smooth_u, inputs.aif.astype(np.float64), dt, oi=st.oi, cancel=cancel,
-                     correct_tmax_bias=st.correct_tmax_bias,
+                     correct_tmax_bias=st.correct_tmax_bias, min_cutoff=min_cutoff,
                      progress=lambda f, m: report_progress(0.5 + 0.4 * f, m))
     ttp = time_to_peak(smooth_u, dt) + np.float32(t_grid[0] - times[0])
     timings["deconvolution_s"] = time.perf_counter() - t
@@ -289,7 +299,7 @@ def run_perfusion(
         "motion": motion_info,
         "tissue_ml": round(float(np.count_nonzero(tissue)) * geom.voxel_volume_ml, 2),
         "settings": {"smooth_mm": sigma_mm, "denoise": denoise, "h_anatomy": st.h_anatomy, "h_perfusion": st.h_perfusion,
-                     "oi": st.oi, "pv_correction": st.pv_correction,
+                     "oi": st.oi, "min_cutoff": min_cutoff, "pv_correction": st.pv_correction,
                      "tmax_bias_correction": st.correct_tmax_bias, "reference_gain": st.reference_gain,
                      "motion_correction": st.motion_correction, "max_motion_mm": st.max_motion_mm},
         "notes": [n for n in [te_note, *inputs.notes] if n],
