@@ -1,0 +1,116 @@
+"""The bundled CT-perfusion, MR-perfusion and T1 models on fresh phantoms they have never seen.
+
+Their full held-out validation is recorded in each model card (made by ``strokeseg-train
+evaluate``); these checks keep the shipped weights honest in CI: the registry entry and the
+weights' integrity, a Dice floor on a few new held-out phantoms (seeds never used in training,
+lesion shapes of the library's test split), and the card's metrics against the issue's targets.
+Targets a model does not reach yet are strict xfails, so they fail loudly once a better model
+reaches them and must then be promoted to plain tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from strokeseg.metrics import case_metrics
+from strokeseg.models import MODELS_DIR, choose_model, get_card, load_registry, sha256_file
+from strokeseg.phantom import simulate_structural
+from strokeseg.phantom.perfusion import simulate_perfusion
+from strokeseg.pipeline import segment_images
+
+pytestmark = pytest.mark.skipif(not (MODELS_DIR / "models.json").is_file(), reason="no bundled models.json")
+
+
+@dataclass(frozen=True)
+class Bundled:
+    model: str
+    family: str
+    simulate: Callable[[int, Any], Any]
+    inputs: tuple[str, ...]  # what a user would give (a subset of the phantom's images)
+    seeds: tuple[int, ...]
+    floor: float  # median Dice on ``seeds`` must stay at or above (regression floor, measured)
+    target: float  # the issue's target for the held-out median Dice
+    meets_target: bool  # does the card's held-out median reach it yet?
+
+
+def _ctp(seed, lib):
+    return simulate_perfusion(seed, "ctp", lib, "test" if lib else None)
+
+
+def _pwi(seed, lib):
+    return simulate_perfusion(seed, "pwi", lib, "test" if lib else None)
+
+
+def _t1(seed, lib):  # territorial: the floor is about chronic infarcts the model can see (lacunes are a known gap)
+    return simulate_structural("t1", seed, lib, "test" if lib else None, lesion_pattern="territorial")
+
+
+BUNDLED = {
+    b.model: b
+    for b in (
+        # ctp-unet 1.0.0 gives 0.85, 0.76, 0.79 on these seeds; held-out median 0.81 (24 cases)
+        Bundled("ctp-unet", "ctp", _ctp, ("cbf", "cbv", "mtt", "tmax"), (880001, 880002, 880003), floor=0.70,
+                target=0.70, meets_target=True),
+        # mrp-unet 1.0.0 gives 0.77, 0.75, 0.63 on these seeds; held-out median 0.71 (19 cases)
+        Bundled("mrp-unet", "mrp", _pwi, ("adc", "cbf", "cbv", "mtt", "tmax"), (880011, 880012, 880013), floor=0.65,
+                target=0.70, meets_target=True),
+        # t1-unet 1.0.0 gives 0.55, 0.40, 0.61 on these territorial seeds; held-out median 0.30 (24 cases, mostly small lesions)
+        Bundled("t1-unet", "t1", _t1, ("t1",), (880021, 880022, 880023), floor=0.45, target=0.80, meets_target=False),
+    )
+}
+IDS = list(BUNDLED)
+
+
+def _run(b: Bundled, case) -> Any:
+    return segment_images({k: case.images[k] for k in b.inputs}, model=b.model, device="cpu")
+
+
+@pytest.mark.parametrize("model", IDS)
+def test_registry_entry_weights_and_card(model):
+    b = BUNDLED[model]
+    card = get_card(model)
+    assert card.family == b.family and model in [c.id for c in load_registry()]
+    for w in card.weights:
+        path = card.folder / w["file"]
+        assert path.stat().st_size <= 50 * 1024**2
+        assert sha256_file(path) == w["sha256"]
+    m = card.validation["metrics"]
+    assert card.validation["n_cases"] >= 15
+    assert 0.0 <= m["dice_median"] <= 1.0 and m["abs_volume_diff_ml_median"] >= 0.0
+    # A user's inputs of this kind pick this model.
+    assert choose_model(b.inputs).id == model
+
+
+@pytest.mark.parametrize("model", IDS)
+def test_held_out_phantoms_dice_floor(model, lesion_library):
+    b = BUNDLED[model]
+    dice = []
+    for seed in b.seeds:
+        case = b.simulate(seed, lesion_library)
+        res = _run(b, case)
+        assert res.mask.same_grid(case.lesion)
+        dice.append(case_metrics(res.mask.array, case.lesion.array, res.mask.spacing)["dice"])
+    assert np.median(dice) >= b.floor, dice
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, marks=() if BUNDLED[m].meets_target else pytest.mark.xfail(
+    strict=True, reason=f"known gap: {m} held-out median Dice below the issue's target")) for m in IDS])
+def test_card_meets_the_issue_target(model):
+    b = BUNDLED[model]
+    assert get_card(model).validation["metrics"]["dice_median"] >= b.target
+
+
+def test_ctp_model_runs_from_the_raw_series_alone(lesion_library):
+    """A user with only the 4D CTP: the engine computes the maps itself (the same deconvolution
+    that made the phantom's maps), so the lesion mask is the one the maps give."""
+    b = BUNDLED["ctp-unet"]
+    case = b.simulate(b.seeds[0], lesion_library)
+    from_maps = _run(b, case)
+    from_series = segment_images({"ctp": case.images["ctp"]}, model="ctp-unet", device="cpu")
+    assert from_series.mask.same_grid(from_maps.mask)
+    assert np.abs(from_series.probability.array - from_maps.probability.array).max() < 1e-3
+    assert choose_model(["ctp"]).id == "ctp-unet"
