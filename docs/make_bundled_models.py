@@ -2,8 +2,9 @@
 
 One row per model: its input channels on the axial slice with the most true lesion, then the
 truth (green) and the model's lesion (red) outlined on the first input. The phantoms are fresh
-(test split of the lesion library, seeds not used in training or evaluation), run through the
-engine exactly as the command line runs a user's case.
+(test split of the lesion library, seeds not used in training or evaluation; DWI and T1 with a
+territorial infarct), run through the engine exactly as the command line runs a user's case, and
+shown whatever the result: failures are part of the picture.
 
     python docs/make_bundled_models.py [--out docs/bundled_models.png] [--seed 881000]
 """
@@ -42,7 +43,7 @@ def simulate(modality: str, seed: int, library: Path | None):
         return simulate_perfusion(seed, modality, library, split, lesion=True)
     from strokeseg.phantom import simulate_structural
 
-    return simulate_structural(modality, seed, library, split)
+    return simulate_structural(modality, seed, library, split, lesion_pattern="territorial")
 
 
 def main(argv: list[str] | None = None) -> int:

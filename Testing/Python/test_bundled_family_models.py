@@ -55,8 +55,8 @@ BUNDLED = {
         # ctp-unet 1.0.0 gives 0.85, 0.76, 0.79 on these seeds; held-out median 0.81 (24 cases)
         Bundled("ctp-unet", "ctp", _ctp, ("cbf", "cbv", "mtt", "tmax"), (880001, 880002, 880003), floor=0.70,
                 target=0.70, meets_target=True),
-        # mrp-unet 1.0.0 gives 0.77, 0.75, 0.63 on these seeds; held-out median 0.71 (19 cases)
-        Bundled("mrp-unet", "mrp", _pwi, ("adc", "cbf", "cbv", "mtt", "tmax"), (880011, 880012, 880013), floor=0.65,
+        # mrp-unet 1.1.0 gives 0.79, 0.78, 0.69 on these seeds; held-out median 0.74 (19 cases)
+        Bundled("mrp-unet", "mrp", _pwi, ("adc", "cbf", "cbv", "mtt", "tmax"), (880011, 880012, 880013), floor=0.70,
                 target=0.70, meets_target=True),
         # t1-unet 1.0.0 gives 0.55, 0.40, 0.61 on these territorial seeds; held-out median 0.30 (24 cases, mostly small lesions)
         Bundled("t1-unet", "t1", _t1, ("t1",), (880021, 880022, 880023), floor=0.45, target=0.80, meets_target=False),

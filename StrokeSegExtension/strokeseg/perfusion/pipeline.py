@@ -29,7 +29,7 @@ from .decision import Thresholds, decide, hemispheres
 from .deconvolution import deconvolve, time_to_peak
 from .denoise import guided_bilateral
 from .masks import ct_masks, mr_masks
-from .motion import correct_motion
+from .motion import CT_REGISTRATION_HU, correct_motion
 from .series import resample_time, uniform_grid, validate_series
 
 ProgressFn = Callable[[float, str], None]
@@ -192,9 +192,7 @@ def run_perfusion(
     motion_info: dict[str, Any] = {"enabled": st.motion_correction}
     if st.motion_correction:
         t = time.perf_counter()
-        # CT: register the skull only (clipped at 150 HU): brain, vessels and the bolus carry no
-        # edge that the contrast does not also move.
-        mres = correct_motion(series.with_array(arr), clip=(150.0, 1300.0) if ct else None, head_mask=rough.head,
+        mres = correct_motion(series.with_array(arr), clip=CT_REGISTRATION_HU if ct else None, head_mask=rough.head, resample_change=ct,
                               max_displacement_mm=st.max_motion_mm, where=where, cancel=cancel,
                               progress=lambda f, m: report_progress(0.02 + 0.28 * f, m))
         arr = mres.series.array
