@@ -45,3 +45,18 @@ def make_models_dir(root: Path, card: dict | None = None, seed: int = 0) -> Path
 
 def lesion_blob_case(dwi: np.ndarray) -> np.ndarray:
     return (dwi > np.percentile(dwi, 99.5)).astype(np.uint8)
+
+
+def assert_bundled_card(card, min_cases: int) -> None:
+    """A shipped model: in the registry, weights within 50 MB matching the card's SHA-256, and
+    held-out metrics on at least ``min_cases`` cases."""
+    from strokeseg.models import load_registry, sha256_file
+
+    assert card.id in [c.id for c in load_registry()]
+    for w in card.weights:
+        path = card.folder / w["file"]
+        assert path.stat().st_size <= 50 * 1024**2
+        assert sha256_file(path) == w["sha256"]
+    m = card.validation["metrics"]
+    assert card.validation["n_cases"] >= min_cases
+    assert 0.0 <= m["dice_median"] <= 1.0 and m["abs_volume_diff_ml_median"] >= 0.0
