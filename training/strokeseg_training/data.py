@@ -55,14 +55,16 @@ def _cache_key(cfg: dict[str, Any], split: str) -> str:
     """``data_key``, plus the generator's version for structural and perfusion phantoms (DWI keys unchanged)."""
     modality = cfg["data"].get("modality")
     if modality in STRUCTURAL_PHANTOMS:
-        from strokeseg.phantom import STRUCTURAL_VERSION
+        from strokeseg.phantom import STRUCTURAL_VERSION as version
 
-        return data_key({**cfg, "data": {**cfg["data"], "_structural_generator": STRUCTURAL_VERSION}}, split)
-    if modality in PERFUSION_PHANTOMS:
-        from strokeseg.phantom.perfusion import GENERATOR_VERSION
+        tag = "_structural_generator"
+    elif modality in PERFUSION_PHANTOMS:
+        from strokeseg.phantom.perfusion import GENERATOR_VERSION as version
 
-        return data_key({**cfg, "data": {**cfg["data"], "_perfusion_generator": GENERATOR_VERSION}}, split)
-    return data_key(cfg, split)
+        tag = "_perfusion_generator"
+    else:
+        return data_key(cfg, split)
+    return data_key({**cfg, "data": {**cfg["data"], tag: version}}, split)
 
 
 def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
@@ -86,7 +88,7 @@ def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
     elif modality in STRUCTURAL_PHANTOMS:  # chronic T1 (ATLAS-like) / sub-acute T1-T2-FLAIR-DWI (SISS-like)
         from strokeseg.phantom import simulate_structural
 
-        case = simulate_structural(cfg["data"]["modality"], seed, _library(cfg), split, **cfg["data"].get("phantom_options", {}))
+        case = simulate_structural(modality, seed, _library(cfg), split, **cfg["data"].get("phantom_options", {}))
         write = write_case
     else:
         case = simulate_dwi(seed, lesion_library=_library(cfg), split=split, **cfg["data"].get("phantom_options", {}))

@@ -137,15 +137,21 @@ def _slab_to_physical(t2: sitk.Euler2DTransform, series: Image) -> sitk.AffineTr
     return inplane_rigid(t2.GetAngle(), t2.GetTranslation(), t2.GetCenter(), series)
 
 
+def _mapped(tx: sitk.Transform, corners: np.ndarray) -> np.ndarray:
+    return np.array([tx.TransformPoint(tuple(float(c) for c in p)) for p in corners])
+
+
 def _max_displacement(tx: sitk.Transform, corners: np.ndarray) -> float:
-    moved = np.array([tx.TransformPoint(tuple(float(c) for c in p)) for p in corners])
-    return float(np.max(np.linalg.norm(moved - corners, axis=1)))
+    return float(np.max(np.linalg.norm(_mapped(tx, corners) - corners, axis=1)))
 
 
 def _moved_between(a: sitk.Transform, b: sitk.Transform, corners: np.ndarray) -> float:
-    pa = np.array([a.TransformPoint(tuple(float(c) for c in p)) for p in corners])
-    pb = np.array([b.TransformPoint(tuple(float(c) for c in p)) for p in corners])
-    return float(np.max(np.linalg.norm(pa - pb, axis=1)))
+    return float(np.max(np.linalg.norm(_mapped(a, corners) - _mapped(b, corners), axis=1)))
+
+
+def _inside(ones: sitk.Image, ref: sitk.Image, tx: sitk.Transform) -> np.ndarray:
+    """Reference voxels whose point under ``tx`` lies within the field of view (``ones``)."""
+    return sitk.GetArrayFromImage(sitk.Resample(ones, ref, tx, sitk.sitkNearestNeighbor, 0)) > 0
 
 
 def _as_affine(tx: sitk.Transform) -> list[float]:
@@ -166,16 +172,15 @@ def _resample_change(frame: sitk.Image, ref: sitk.Image, ones: sitk.Image, phys:
     interpolation residue at every anatomical edge that the baseline subtraction turns into fake
     concentration, in the moved frames only: a step in every curve, which raises the flow of
     low-flow tissue (the core) most."""
-    inside = lambda tx: sitk.GetArrayFromImage(sitk.Resample(ones, ref, tx, sitk.sitkNearestNeighbor, 0)) > 0
     inv = phys.GetInverse()
     ref_there = sitk.GetArrayFromImage(sitk.Resample(ref, ref, inv, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     # Where the reference does not reach (moved in from outside its field of view) no change is known.
-    change = np.where(inside(inv), sitk.GetArrayFromImage(sitk.Cast(frame, sitk.sitkFloat32)) - ref_there, 0.0)
+    change = np.where(_inside(ones, ref, inv), sitk.GetArrayFromImage(sitk.Cast(frame, sitk.sitkFloat32)) - ref_there, 0.0)
     change_img = sitk.GetImageFromArray(change.astype(np.float32))
     change_img.CopyInformation(ref)
     back = sitk.GetArrayFromImage(sitk.Resample(change_img, ref, phys, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     # Voxels that came from outside the field of view keep their own (unmoved) value.
-    return np.where(inside(phys), sitk.GetArrayFromImage(ref) + back, unmoved)
+    return np.where(_inside(ones, ref, phys), sitk.GetArrayFromImage(ref) + back, unmoved)
 
 
 @dataclass
@@ -305,8 +310,7 @@ def correct_motion(
                 else:
                     res = sitk.Resample(frame.to_sitk(), ref_img, phys, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
                     # Voxels that came from outside the field of view keep their own (unmoved) value.
-                    inside = sitk.GetArrayFromImage(sitk.Resample(ones, ref_img, phys, sitk.sitkNearestNeighbor, 0)) > 0
-                    out[k] = np.where(inside, sitk.GetArrayFromImage(res), out[k])
+                    out[k] = np.where(_inside(ones, ref_img, phys), sitk.GetArrayFromImage(res), out[k])
                 corrected += 1
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
