@@ -32,7 +32,6 @@ def test_torchrun_two_cpu_ranks_train(tmp_path):
     cfg["train"].update(steps=2, batch_size=1, val_every=2, val_volumes=1, warmup=1)
     cfg["card"]["network"]["args"]["channels"] = [4, 8, 8, 8]
     cfg["card"]["patch_size"] = [48, 48, 16]
-    cfg["card"]["inference"]["roi_size"] = [96, 96, 32]
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(cfg, indent=1))
 

@@ -301,6 +301,35 @@ def test_unknown_network_names_card_and_known_networks(tmp_path: Path) -> None:
         networks.build("monai.UNet", {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "nope": 1})
 
 
+def test_per_window_normalised_network_must_run_on_its_training_patch(tmp_path: Path) -> None:
+    """Instance/group norm statistics follow the window: a window other than the patch is refused."""
+    card = trained_model(tmp_path / "instance")  # MONAI UNet: instance norm by default
+    card.raw["inference"]["roi_size"] = [32, 32, 16]
+    with pytest.raises(ModelError) as err:
+        models.load_model(card)
+    msg = str(err.value)
+    assert str(card.path) in msg and "roi_size [32, 32, 16]" in msg and "patch_size [16, 16, 16]" in msg
+    card.raw["inference"]["roi_size"] = [16, 16, 16]
+    assert len(models.load_model(card)) == 1
+
+    batch = {"name": "monai.UNet", "args": {**TINY_UNET["args"], "norm": "batch"}}  # running statistics
+    card = trained_model(tmp_path / "batch", network=batch)
+    card.raw["inference"]["roi_size"] = [32, 32, 16]
+    assert len(models.load_model(card)) == 1
+
+    # A slice-wise 2D network with group norm only sees the in-plane size of the window.
+    inner = {"name": "monai.SegResNet", "args": {"spatial_dims": 2, "in_channels": 2, "out_channels": 1,
+                                                 "init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1],
+                                                 "norm": ["GROUP", {"num_groups": 2}]}}
+    card = trained_model(tmp_path / "slices", network={"name": "strokeseg.SliceWise", "args": {"inner": inner}})
+    card.raw["patch_size"] = [16, 16, 1]
+    card.raw["inference"]["roi_size"] = [16, 16, 4]
+    assert len(models.load_model(card)) == 1
+    card.raw["inference"]["roi_size"] = [32, 32, 1]
+    with pytest.raises(ModelError, match="instance/group norm"):
+        models.load_model(card)
+
+
 @pytest.mark.parametrize(
     ("name", "args"),
     [

@@ -22,7 +22,7 @@ from strokeseg.postprocess import PostprocessSettings
 from .config import card_of, load_config, run_dir
 from .data import build_split
 from .evaluate import case_probabilities, score, summarise, tune
-from .export import export_model
+from .export import export_model, stage_records
 from .recipes import train_recipe
 
 
@@ -83,9 +83,10 @@ def do_export(cfg: dict, command: str) -> Path:
                   "metrics": {k: v for k, v in flat.items() if v is not None}}
     # What reproduces the model: the same config and overrides through every step.
     command = command.replace("strokeseg-train export ", "strokeseg-train all ", 1)
+    command, stages = stage_records(cfg, command)
     training = {"data": cfg["data"].get("description", "StrokeSeg phantoms"), "command": command,
                 "seed": int(cfg["train"].get("seed", 0)), "duration_s": round(float(tsum["duration_s"]), 1),
-                "device": tsum["device"], "steps": tsum["steps_done"]}
+                "device": tsum["device"], "steps": tsum["steps_done"], **({"stages": stages} if stages else {})}
     models_dir = Path(cfg["models_dir"]) if cfg.get("models_dir") else None
     folder = export_model(cfg, [out / "best.safetensors"], postprocess=tuned, validation=validation, training=training,
                           models_dir=models_dir)

@@ -22,6 +22,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+def stage_records(cfg: dict[str, Any], command: str) -> tuple[str, list[dict[str, Any]]]:
+    """The chain of runs behind a multi-stage model (a config's ``earlier_stages``, oldest first):
+    the command that reproduces all of them and one record per stage from its ``train_summary.json``."""
+    from .config import load_config, run_dir
+
+    earlier = list(cfg.get("earlier_stages", []))
+    if not earlier:
+        return command, []
+    this = Path(cfg["_config_path"]).resolve()
+    this = this.relative_to(REPO_ROOT) if this.is_relative_to(REPO_ROOT) else this
+    records = []
+    for path in [*earlier, this]:
+        stage_cfg = cfg if path == this else load_config(REPO_ROOT / path)
+        summary = run_dir(stage_cfg) / "train_summary.json"
+        tsum = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+        records.append({"config": str(path), "steps": tsum.get("steps_done"),
+                        "duration_s": round(float(tsum.get("duration_s", 0.0)), 1), "device": tsum.get("device", "unknown")})
+    chain = " && ".join(f"strokeseg-train all --config {p}" for p in earlier)
+    return f"{chain} && {command}", records
+
+
 def export_model(cfg: dict[str, Any], weights: list[Path], *, postprocess: dict[str, float],
                  validation: dict[str, Any], training: dict[str, Any], models_dir: Path | None = None) -> Path:
     models_dir = models_dir or REPO_ROOT / "Resources" / "Models"
@@ -39,8 +60,12 @@ def export_model(cfg: dict[str, Any], weights: list[Path], *, postprocess: dict[
 
     index = models_dir / "models.json"
     reg = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {"schema_version": 1, "models": []}
-    reg["models"] = [m for m in reg["models"] if m["id"] != card["id"]]
-    reg["models"].append({"id": card["id"], "folder": folder.name, "family": card["family"]})
+    entry = {"id": card["id"], "folder": folder.name, "family": card["family"]}
+    ids = [m["id"] for m in reg["models"]]
+    if card["id"] in ids:  # a new version keeps its place in the registry (and in the module's list)
+        reg["models"][ids.index(card["id"])] = entry
+    else:
+        reg["models"].append(entry)
     index.write_text(json.dumps(reg, indent=2) + "\n")
     load_registry(models_dir)  # the exported card must pass the engine's own validation
     return folder

@@ -29,6 +29,8 @@ def _unfold(out: Any, n: int, z: int) -> Any:
 
 
 class SliceWise(nn.Module):
+    per_slice = True  # the inner network sees one (y, x) slice at a time
+
     def __init__(self, inner: Mapping[str, Any], chunk: int = 0):
         super().__init__()
         if not isinstance(inner, Mapping) or "name" not in inner:
