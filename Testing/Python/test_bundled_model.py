@@ -35,10 +35,15 @@ def test_registry_card_and_weights(card):
     assert 0.0 <= card.validation["metrics"]["lesion_f1_median"] <= 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="known gap of model 1.3.0: held-out median Dice 0.849, lesion F1 0.72 (targets 0.85/0.80)")
-def test_card_meets_the_issue_targets(card):
+def test_card_meets_the_dice_and_volume_targets(card):
     m = card.validation["metrics"]
-    assert m["dice_median"] >= 0.85 and m["lesion_f1_median"] >= 0.80 and m["abs_volume_diff_ml_median"] <= 2.0
+    assert m["dice_median"] >= 0.85 and m["abs_volume_diff_ml_median"] <= 2.0
+
+
+@pytest.mark.xfail(strict=True, reason="known gap of model 1.4.0: held-out median lesion F1 0.77 (target 0.80): "
+                                       "fragments of 1-3 voxels (< 0.1 mL) on the acquired grid are missed")
+def test_card_meets_the_lesion_f1_target(card):
+    assert card.validation["metrics"]["lesion_f1_median"] >= 0.80
 
 
 def test_held_out_territorial_infarcts(card, lesion_library):
@@ -48,8 +53,8 @@ def test_held_out_territorial_infarcts(card, lesion_library):
                             lesion_pattern="territorial")
         res = segment(case)
         dice.append(case_metrics(res.mask.array, case.lesion.array, res.mask.spacing)["dice"])
-    # Regression floor: model 1.2.0 gives 0.64, 0.91, 0.69, 0.50 on these seeds (median 0.665; 1.1.0: 0.70).
-    assert np.median(dice) >= 0.65, dice
+    # Regression floor: model 1.4.0 gives 0.94, 0.92, 0.92, 0.87 on these seeds (median 0.92; 1.2.0: 0.665).
+    assert np.median(dice) >= 0.85, dice
 
 
 def test_no_false_lesions_along_skull_base_artefacts(card):
@@ -60,8 +65,6 @@ def test_no_false_lesions_along_skull_base_artefacts(card):
         assert res.report["total_volume_ml"] < 0.5, res.report["lesions"][:3]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap of model 1.3.0: a 0.6 mL false lesion on seed 777102's T2 shine-through "
-                                       "(DWI 2.5x brighter than tissue, ADC not reduced)")
 def test_no_false_lesions_on_old_lesions_wmh_and_t2_shine_through(card):
     for seed in (777101, 777102):
         case = simulate_dwi(seed, lesion_library=None, lesion_pattern="none", artefacts=True, distractors=True)

@@ -72,3 +72,27 @@ def test_perfusion_phantoms_the_engine_refuses_are_skipped_once_with_the_reason(
     assert len(markers) == 2 and "no perfusion maps" in markers[0].read_text(encoding="utf-8")
     monkeypatch.setattr(data, "_make_one", lambda args: pytest.fail("a refused seed was simulated again"))
     assert data.build_split(cfg, "val", workers=1)[0] == []
+
+
+def test_hard_negative_patches_centre_on_lesion_mimics():
+    """hard_negative_fraction: background patches go to the brightest first-channel voxels away
+    from the lesion (a T2 shine-through on DWI), which random patches mostly miss."""
+    from monai.transforms import Compose
+
+    from strokeseg_training.data import Volume
+    from strokeseg_training.sampling import PatchSampler
+
+    img = np.zeros((2, 24, 64, 64), np.float32)
+    lab = np.zeros((24, 64, 64), np.uint8)
+    lab[2:6, 2:8, 2:8] = 1
+    img[0, 2:6, 2:8, 2:8] = 5.0  # the lesion is bright too, but never a mimic
+    img[0, 16:19, 50:53, 50:53] = 4.0  # the mimic: bright, far from the lesion
+    vol = Volume("v", img, lab)
+
+    def mimic_share(fraction: float) -> float:
+        s = PatchSampler([vol], (8, 8, 8), 0.0, Compose([]), np.random.default_rng(1), hard_negative_fraction=fraction)
+        hits = [float(s.sample()["image"][0].max()) == 4.0 for _ in range(200)]
+        return float(np.mean(hits))
+
+    assert mimic_share(1.0) == 1.0
+    assert mimic_share(0.0) < 0.2

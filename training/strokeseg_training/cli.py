@@ -41,10 +41,20 @@ def _cases(cfg: dict, split: str) -> list[Path]:
     return cases[: int(n)] if n else cases
 
 
+def _weights(cfg: dict, out: Path) -> Path:
+    """The checkpoint a run hands on to tune / evaluate / export: the best validation checkpoint,
+    or the last weights when the config says ``"checkpoint": "last"`` (chosen on validation when
+    the in-training validation Dice is too coarse to rank checkpoints)."""
+    which = cfg.get("checkpoint", "best")
+    if which not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best' or 'last', not {which!r}")
+    return out / f"{which}.safetensors"
+
+
 def do_tune(cfg: dict) -> dict:
     out = run_dir(cfg)
     card = card_of(cfg)
-    probs = case_probabilities(_cases(cfg, "val"), [_net(cfg, out / "best.safetensors")], card)
+    probs = case_probabilities(_cases(cfg, "val"), [_net(cfg, _weights(cfg, out))], card)
     best, table = tune(probs, cfg["tune"]["grid"], cfg["tune"].get("objective", "dice+f1"))
     res = {"threshold": best.threshold, "closing_mm": best.closing_mm, "min_lesion_ml": best.min_lesion_ml}
     (out / "tuning.json").write_text(json.dumps({"best": res, "table": table}, indent=2))
@@ -57,7 +67,7 @@ def do_tune(cfg: dict) -> dict:
 def do_evaluate(cfg: dict, settings: dict | None = None) -> dict:
     out = run_dir(cfg)
     settings = settings or json.loads((out / "tuning.json").read_text(encoding="utf-8"))["best"]
-    probs = case_probabilities(_cases(cfg, "test"), [_net(cfg, out / "best.safetensors")], card_of(cfg))
+    probs = case_probabilities(_cases(cfg, "test"), [_net(cfg, _weights(cfg, out))], card_of(cfg))
     rows = score(probs, PostprocessSettings(**settings))
     summary = summarise(rows, out / "test", f"{cfg['name']} held-out phantoms")
     m = summary["metrics"] if "metrics" in summary else summary
@@ -86,9 +96,10 @@ def do_export(cfg: dict, command: str) -> Path:
     command, stages = stage_records(cfg, command)
     training = {"data": cfg["data"].get("description", "StrokeSeg phantoms"), "command": command,
                 "seed": int(cfg["train"].get("seed", 0)), "duration_s": round(float(tsum["duration_s"]), 1),
-                "device": tsum["device"], "steps": tsum["steps_done"], **({"stages": stages} if stages else {})}
+                "device": tsum["device"], "steps": tsum["steps_done"], "checkpoint": cfg.get("checkpoint", "best"),
+                **({"stages": stages} if stages else {})}
     models_dir = Path(cfg["models_dir"]) if cfg.get("models_dir") else None
-    folder = export_model(cfg, [out / "best.safetensors"], postprocess=tuned, validation=validation, training=training,
+    folder = export_model(cfg, [_weights(cfg, out)], postprocess=tuned, validation=validation, training=training,
                           models_dir=models_dir)
     print(f"exported to {folder}")
     return folder

@@ -43,19 +43,38 @@ class PatchSampler:
     With ``component_fraction`` > 0 that share of the lesion-centred patches first picks a lesion
     (26-connected component) uniformly, so lacunes are seen as often as the territorial infarct
     next to them instead of in proportion to their voxel count.
+
+    With ``hard_negative_fraction`` > 0 that share of the other patches is centred on a lesion
+    mimic: a voxel of the first channel above its ``hard_negative_quantile`` that is not near the
+    lesion (on DWI: T2 shine-through, susceptibility artefacts, WMH), which random patches rarely
+    hit because mimics are small and uncommon.
     """
 
     def __init__(self, volumes: list[Volume], patch_zyx: Sequence[int], pos_fraction: float,
-                 transform: Compose, rng: np.random.Generator, component_fraction: float = 0.0):
+                 transform: Compose, rng: np.random.Generator, component_fraction: float = 0.0,
+                 hard_negative_fraction: float = 0.0, hard_negative_quantile: float = 99.5):
         self.volumes = volumes
         self.patch = np.asarray(patch_zyx)
         self.pos_fraction = pos_fraction
         self.component_fraction = component_fraction
+        self.hard_negative_fraction = hard_negative_fraction
         self.transform = transform
         self.rng = rng
         self.fg = [np.argwhere(v.label > 0) for v in volumes]
         self.components = [self._components(v, fg) for v, fg in zip(volumes, self.fg)] \
             if component_fraction > 0 else []
+        self.mimics = [self._mimics(v, hard_negative_quantile) for v in volumes] if hard_negative_fraction > 0 else []
+
+    @staticmethod
+    def _mimics(v: Volume, quantile: float) -> np.ndarray:
+        """(n, 3) voxels brighter than ``quantile`` of the first channel, 3+ voxels from the lesion."""
+        from scipy import ndimage
+
+        first = v.image[0]
+        bright = first > np.percentile(first, quantile)
+        if v.label.any():
+            bright &= ~ndimage.binary_dilation(v.label > 0, iterations=3)
+        return np.argwhere(bright)
 
     @staticmethod
     def _components(v: Volume, fg: np.ndarray) -> list[np.ndarray]:
@@ -87,6 +106,8 @@ class PatchSampler:
         v, fg = self.volumes[i], self.fg[i]
         if len(fg) and self.rng.random() < self.pos_fraction:
             centre = self._lesion_voxel(i) + self.rng.integers(-self.patch // 4, self.patch // 4 + 1)
+        elif self.mimics and len(self.mimics[i]) and self.rng.random() < self.hard_negative_fraction:
+            centre = self.mimics[i][self.rng.integers(len(self.mimics[i]))] + self.rng.integers(-self.patch // 4, self.patch // 4 + 1)
         else:
             centre = np.array([self.rng.integers(s) for s in v.label.shape])
         img, lab = self._crop(v, centre)

@@ -5,10 +5,19 @@ them (all files or none); ``load_series`` reads NIfTI / NRRD / DICOM series with
 times; ``read_perfusion_map`` reads ready-made maps with their units. Research use only.
 """
 
-from .decision import Thresholds
-from .dicom4d import read_perfusion_map
-from .pipeline import OUTPUT_FILES, PerfusionResult, PerfusionSettings, run_perfusion, write_perfusion
-from .series import load_series
+from importlib import import_module
+from typing import Any
 
-__all__ = ["OUTPUT_FILES", "PerfusionResult", "PerfusionSettings", "Thresholds", "load_series", "read_perfusion_map",
-           "run_perfusion", "write_perfusion"]
+# Imported on first use, so that `strokeseg segment` (whose command line lists the perfusion
+# sub-command) does not pay for the deconvolution's scipy imports (~0.3 s of a cold start).
+_WHERE = {"Thresholds": ".decision", "read_perfusion_map": ".dicom4d", "OUTPUT_FILES": ".pipeline",
+          "PerfusionResult": ".pipeline", "PerfusionSettings": ".pipeline", "run_perfusion": ".pipeline",
+          "write_perfusion": ".pipeline", "load_series": ".series"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_WHERE[name], __name__), name)
