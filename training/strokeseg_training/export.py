@@ -11,7 +11,7 @@ from typing import Any
 
 from strokeseg.models import load_registry, sha256_file
 
-from .config import REPO_ROOT
+from .config import REPO_ROOT, load_config, run_dir
 
 
 def git_commit() -> str:
@@ -25,8 +25,6 @@ def git_commit() -> str:
 def stage_records(cfg: dict[str, Any], command: str) -> tuple[str, list[dict[str, Any]]]:
     """The chain of runs behind a multi-stage model (a config's ``earlier_stages``, oldest first):
     the command that reproduces all of them and one record per stage from its ``train_summary.json``."""
-    from .config import load_config, run_dir
-
     earlier = list(cfg.get("earlier_stages", []))
     if not earlier:
         return command, []

@@ -95,6 +95,10 @@ class PatchSampler:
             return fg[comp[self.rng.integers(len(comp))]]
         return fg[self.rng.integers(len(fg))]
 
+    def _jitter(self) -> np.ndarray:
+        """A random offset of up to a quarter patch, so a chosen voxel is not always the centre."""
+        return self.rng.integers(-self.patch // 4, self.patch // 4 + 1)
+
     def _crop(self, v: Volume, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shape = np.asarray(v.label.shape)
         start = np.clip(centre - self.patch // 2, 0, np.maximum(shape - self.patch, 0))
@@ -105,9 +109,9 @@ class PatchSampler:
         i = int(self.rng.integers(len(self.volumes)))
         v, fg = self.volumes[i], self.fg[i]
         if len(fg) and self.rng.random() < self.pos_fraction:
-            centre = self._lesion_voxel(i) + self.rng.integers(-self.patch // 4, self.patch // 4 + 1)
+            centre = self._lesion_voxel(i) + self._jitter()
         elif self.mimics and len(self.mimics[i]) and self.rng.random() < self.hard_negative_fraction:
-            centre = self.mimics[i][self.rng.integers(len(self.mimics[i]))] + self.rng.integers(-self.patch // 4, self.patch // 4 + 1)
+            centre = self.mimics[i][self.rng.integers(len(self.mimics[i]))] + self._jitter()
         else:
             centre = np.array([self.rng.integers(s) for s in v.label.shape])
         img, lab = self._crop(v, centre)
