@@ -1,7 +1,9 @@
 """End-to-end DWI segmentation benchmark (issue target: clinical grid, 2-core CPU).
 
 Case: a phantom DWI + b0 (ADC computed) on 256x256x30 at 0.9x0.9x5 mm. Prints and records:
-- cold `strokeseg segment` wall time and peak RSS of the whole process (median of N runs);
+- cold `strokeseg segment` wall time and peak RSS of the whole process (median of N runs), and
+  the same with MONAI imported as usual (``STROKESEG_PLAIN_MONAI=1``; the engine imports it lean,
+  see strokeseg/_lean_monai.py), alternating run by run;
 - warm in-process `segment_case` wall time, split into read / preprocess / inference / postprocess;
 - the ratio of the warm pipeline to a bare forward pass of the same network over the same input
   (its sliding-window windows forwarded back to back: pipeline overhead), in the same process.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -42,13 +45,15 @@ def make_case(root: Path) -> Path:
     return folder
 
 
-def cold_run(case: Path, out: Path, device: str) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one `strokeseg segment` process."""
+def cold_run(case: Path, out: Path, device: str, plain_monai: bool = False) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one `strokeseg segment` process (``plain_monai``: with
+    MONAI imported as usual instead of lean, the baseline of strokeseg._lean_monai)."""
     code = ("import resource,sys,time;t=time.perf_counter();from strokeseg.cli import main;"
             f"rc=main(['segment',{str(case)!r},'--out',{str(out)!r},'--device',{device!r},'-q']);"
             "print('WALL',time.perf_counter()-t);"
             "print('RSS',resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024);sys.exit(rc)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "STROKESEG_PLAIN_MONAI": "1" if plain_monai else "0"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     vals = {ln.split()[0]: float(ln.split()[1]) for ln in p.stdout.splitlines() if ln.startswith(("WALL", "RSS"))}
     return vals["WALL"], vals["RSS"]
 
@@ -61,7 +66,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         case = make_case(tmp)
-        cold = [cold_run(case, tmp / f"cold{i}", args.device) for i in range(args.runs)]
+        cold, cold_plain = [], []
+        for i in range(args.runs):  # alternating, so that both see the same machine load
+            cold.append(cold_run(case, tmp / f"cold{i}", args.device))
+            cold_plain.append(cold_run(case, tmp / f"plain{i}", args.device, plain_monai=True))
 
         segment_case(case, tmp / "warmup", device=args.device)  # loads the model once
         warm, parts = [], []
@@ -106,6 +114,8 @@ def main() -> None:
         "runs": args.runs,
         "cold_cli_wall_s_median": round(med(w for w, _ in cold), 3),
         "cold_cli_peak_rss_mb_max": round(max(r for _, r in cold), 1),
+        "cold_cli_plain_monai_wall_s_median": round(med(w for w, _ in cold_plain), 3),
+        "cold_cli_lean_over_plain_monai": round(med(w for w, _ in cold) / med(w for w, _ in cold_plain), 2),
         "warm_segment_case_s_median": round(med(warm), 3),
         "warm_parts_s_median": {k: round(med(p[k] for p in parts), 3) for k in parts[0]},
         "windows": n_windows,
@@ -113,7 +123,7 @@ def main() -> None:
         "bare_forward_s_median": round(med(bare), 3),
         "pipeline_over_bare_forward": round(med(warm) / med(bare), 2),
         "targets": {"cold_cli_wall_s": 5.0, "peak_rss_mb": 2048},
-        "load_average_at_end": [round(v, 2) for v in __import__("os").getloadavg()],
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
     }
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(exist_ok=True)

@@ -14,9 +14,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
+from ._lean_monai import import_monai
 from .errors import Cancelled, StrokeSegError
+
+import_monai()  # first, so that the next line finds MONAI imported lean (cold start)
+from monai.inferers import sliding_window_inference  # noqa: E402
 
 ProgressFn = Callable[[float, str], None]
 

@@ -22,9 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import FocalLoss as _MonaiFocal
-from monai.losses import GeneralizedDiceLoss
 from torch import nn
+
+from ._lean_monai import import_monai
+
+import_monai()
+from monai.losses import FocalLoss as _MonaiFocal  # noqa: E402
+from monai.losses import GeneralizedDiceLoss  # noqa: E402
 
 
 def _two_class(logits: torch.Tensor) -> torch.Tensor:

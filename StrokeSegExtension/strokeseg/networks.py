@@ -4,7 +4,7 @@ Training and inference build networks through the same registry, so a bundled mo
 exactly the architecture it was validated with. Built-ins wrap MONAI networks; our own
 architectures register themselves with :func:`register_network` from other modules
 (``strokeseg.networks_zoo`` is imported on first use when it exists).
-MONAI is imported inside the factories, so importing this module stays cheap.
+MONAI is imported inside the factories (lean: ``_lean_monai``), so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ._lean_monai import import_monai
 from .errors import ModelError
 
 Factory = Callable[..., torch.nn.Module]
@@ -75,6 +76,7 @@ def build(name: str, args: Mapping[str, Any] | None = None) -> torch.nn.Module:
         raise ModelError(f"unknown network '{name}' (known: {', '.join(sorted(_FACTORIES)) or 'none'})")
     if args is not None and not isinstance(args, Mapping):
         raise ModelError(f"network '{name}': arguments must be an object, got {type(args).__name__}")
+    import_monai()  # before any factory's "from monai ...": the lean import
     try:
         net = factory(**_tuples(dict(args or {})))
     except (TypeError, ValueError, AssertionError, KeyError) as exc:
