@@ -373,7 +373,8 @@ def test_decision_volumes_on_synthetic_maps():
     tmax[:, 10:20, 25:35] = 12.0  # severe: 400 voxels
     cbf[:, 10:20, 25:35] = 10.0  # core: rCBF 0.2 -> 400 voxels = 8 mL
     cbf[0, 0, 0] = 5.0  # a lone low-flow voxel in healthy tissue: not core
-    core, hypo, pen, rep = decide(cbf, tmax, tissue, left, 0.02, kind="ct")
+    raw = Thresholds(core_median_voxels=1)  # a square core: the in-plane median would round its corners
+    core, hypo, pen, rep = decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=raw)
     assert rep["healthy_hemisphere"] == "right"
     assert rep["core_ml"] == pytest.approx(8.0)
     assert rep["hypoperfusion_ml"] == pytest.approx(38.4)
@@ -384,7 +385,7 @@ def test_decision_volumes_on_synthetic_maps():
     assert rep["defuse3_style"]["target_mismatch_profile"] and rep["defuse3_style"]["research_use_only"]
     assert not core[0, 0, 0] and not np.any(core & pen)
     # Every threshold is a setting: a 15% core threshold drops the 20% core.
-    _, _, _, rep2 = decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=Thresholds(core_rcbf=0.15))
+    _, _, _, rep2 = decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=Thresholds(core_rcbf=0.15, core_median_voxels=1))
     assert rep2["core_ml"] == 0.0 and rep2["mismatch_ratio"] is None
     # MR: the core comes from the ADC.
     adc = np.full(shape, 800.0, np.float32)
@@ -393,6 +394,33 @@ def test_decision_volumes_on_synthetic_maps():
     assert rep3["core_ml"] == pytest.approx(4 * 16 * 0.02) and rep3["core_method"].startswith("ADC")
     with pytest.raises(ValueError):
         decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=Thresholds(tmax_hypo_s=-1))
+
+
+def test_ct_core_rcbf_is_median_filtered_in_plane():
+    """Single noisy voxels do not flip across the rCBF line: a high voxel inside the core stays
+    core, a low voxel in the penumbra stays penumbra; a round core keeps its volume."""
+    shape = (3, 48, 48)
+    tissue = np.ones(shape, bool)
+    geom = Image(np.zeros(shape, np.uint8), (2.0, 2.0, 5.0))
+    left = hemispheres(shape, geom.index_to_physical, tissue)
+    cbf = np.full(shape, 50.0, np.float32)  # healthy right hemisphere (x < 24)
+    tmax = np.full(shape, 1.0, np.float32)
+    tmax[:, 4:44, 26:46] = 9.0
+    cbf[:, 4:44, 26:46] = 20.0  # penumbra: rCBF 0.4
+    yy, xx = np.mgrid[:48, :48]
+    disc = (yy - 24) ** 2 + (xx - 36) ** 2 <= 6 ** 2
+    cbf[:, disc] = 7.5  # core: rCBF 0.15
+    cbf[1, 24, 36] = 18.0  # noise inside the core: rCBF 0.36
+    cbf[1, 8, 30] = 12.0  # noise in the penumbra: rCBF 0.24
+    core, *_ = decide(cbf, tmax, tissue, left, 0.02, kind="ct")
+    assert core[1, 24, 36] and not core[1, 8, 30]
+    # The median trims only the pixelated disc's four one-voxel nubs per slice (12 of 339 voxels).
+    assert 3 * disc.sum() - 12 <= core.sum() <= 3 * disc.sum()
+    raw, *_ = decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=Thresholds(core_median_voxels=1))
+    assert not raw[1, 24, 36]  # without the median the noisy voxel punches a hole
+    for bad in (2, 0, 2.5):
+        with pytest.raises(ValueError, match="core_median_voxels"):
+            Thresholds(core_median_voxels=bad).validate()
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -473,6 +501,22 @@ def test_cli_bad_input_leaves_no_output(tmp_path):
     write_image(Image(np.random.default_rng(0).normal(40, 5, (4, 16, 16)).astype(np.float32), (1.0, 1.0, 5.0)), vol)
     args = parser.parse_args(["perfusion", str(vol), "--out", str(tmp_path / "out"), "-q"])
     with pytest.raises(InputError, match="vol.nii.gz: 3D volume"):
+        args.func(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_core_median_option_reaches_the_engine(small_ct, tmp_path):
+    from strokeseg.cli import build_parser
+    from strokeseg.perfusion.cli import add_perfusion_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    if "perfusion" not in sub.choices:
+        add_perfusion_parser(sub)
+    series = tmp_path / "ctp.nii.gz"
+    write_image(small_ct.images["ctp"], series)
+    args = parser.parse_args(["perfusion", str(series), "--out", str(tmp_path / "out"), "-q", "--core-median", "2"])
+    with pytest.raises(InputError, match="core_median_voxels must be an odd"):
         args.func(args)
     assert not (tmp_path / "out").exists()
 

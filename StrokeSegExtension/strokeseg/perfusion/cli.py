@@ -56,6 +56,8 @@ def add_perfusion_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--aif-mask", default=None, help="arterial input from this mask image")
     p.add_argument("--no-motion-correction", action="store_true", help="skip frame-to-frame registration")
     p.add_argument("--core-rcbf", type=float, default=d.core_rcbf, help=f"CT core: CBF below this fraction of the healthy hemisphere (default {d.core_rcbf})")
+    p.add_argument("--core-median", type=int, default=d.core_median_voxels,
+                   help=f"CT core: in-plane median of rCBF over this many voxels (odd) before its threshold; 1: off (default {d.core_median_voxels})")
     p.add_argument("--adc-core", type=float, default=d.adc_core, help=f"MR core: ADC below this, 10^-6 mm^2/s (default {d.adc_core:g})")
     p.add_argument("--tmax", type=float, default=d.tmax_hypo_s, help=f"hypoperfusion: Tmax above this, s (default {d.tmax_hypo_s:g})")
     p.add_argument("--tmax-severe", type=float, default=d.tmax_severe_s, help=f"HIR numerator: Tmax above this, s (default {d.tmax_severe_s:g})")
@@ -78,7 +80,7 @@ def cmd_perfusion(args: argparse.Namespace) -> int:
     mask = read_image(args.aif_mask) if args.aif_mask else None
     if mask is not None and mask.is_4d:
         raise InputError(args.aif_mask, "arterial input mask is 4D; a 3D mask is expected")
-    thresholds = Thresholds(core_rcbf=args.core_rcbf, adc_core=args.adc_core, tmax_hypo_s=args.tmax,
+    thresholds = Thresholds(core_rcbf=args.core_rcbf, core_median_voxels=args.core_median, adc_core=args.adc_core, tmax_hypo_s=args.tmax,
                             tmax_severe_s=args.tmax_severe, min_core_ml=args.min_core_ml, min_hypo_ml=args.min_hypo_ml)
     settings = PerfusionSettings(motion_correction=not args.no_motion_correction)
     bar = None
