@@ -412,8 +412,9 @@ def test_ct_core_rcbf_is_median_filtered_in_plane():
     cbf[:, disc] = 7.5  # core: rCBF 0.15
     cbf[1, 24, 36] = 18.0  # noise inside the core: rCBF 0.36
     cbf[1, 8, 30] = 12.0  # noise in the penumbra: rCBF 0.24
-    core, *_ = decide(cbf, tmax, tissue, left, 0.02, kind="ct")
+    core, _, _, rep = decide(cbf, tmax, tissue, left, 0.02, kind="ct")
     assert core[1, 24, 36] and not core[1, 8, 30]
+    assert "median-filtered 3 x 3" in rep["core_method"] and rep["thresholds"]["core_median_voxels"] == 3
     # The median trims only the pixelated disc's four one-voxel nubs per slice (12 of 339 voxels).
     assert 3 * disc.sum() - 12 <= core.sum() <= 3 * disc.sum()
     raw, *_ = decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=Thresholds(core_median_voxels=1))

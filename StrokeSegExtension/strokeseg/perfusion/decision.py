@@ -124,6 +124,8 @@ def decide(
     else:
         core = tissue & (_in_plane_median(rcbf, tissue, int(th.core_median_voxels)) < th.core_rcbf)
         method = f"CBF < {100 * th.core_rcbf:.0f}% of the healthy hemisphere mean"
+        if th.core_median_voxels > 1:
+            method += f" (relative CBF median-filtered {th.core_median_voxels:g} x {th.core_median_voxels:g} in-plane)"
         if kind == "mr":
             method += " (no ADC given; DSC-based core is less reliable)"
         if th.core_requires_tmax_s is not None and core.any():
