@@ -490,7 +490,8 @@ def test_arterial_input_outside_the_brain(small_ct, small_ct_result):
     assert res.report["arterial_input"]["source"] == "point"
 
 
-def test_cli_bad_input_leaves_no_output(tmp_path):
+def _perfusion_parser():
+    """The `strokeseg` command line with its perfusion sub-command."""
     from strokeseg.cli import build_parser
     from strokeseg.perfusion.cli import add_perfusion_parser
 
@@ -498,6 +499,11 @@ def test_cli_bad_input_leaves_no_output(tmp_path):
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     if "perfusion" not in sub.choices:
         add_perfusion_parser(sub)
+    return parser
+
+
+def test_cli_bad_input_leaves_no_output(tmp_path):
+    parser = _perfusion_parser()
     vol = tmp_path / "vol.nii.gz"
     write_image(Image(np.random.default_rng(0).normal(40, 5, (4, 16, 16)).astype(np.float32), (1.0, 1.0, 5.0)), vol)
     args = parser.parse_args(["perfusion", str(vol), "--out", str(tmp_path / "out"), "-q"])
@@ -507,13 +513,7 @@ def test_cli_bad_input_leaves_no_output(tmp_path):
 
 
 def test_cli_core_median_option_reaches_the_engine(small_ct, tmp_path):
-    from strokeseg.cli import build_parser
-    from strokeseg.perfusion.cli import add_perfusion_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    if "perfusion" not in sub.choices:
-        add_perfusion_parser(sub)
+    parser = _perfusion_parser()
     series = tmp_path / "ctp.nii.gz"
     write_image(small_ct.images["ctp"], series)
     args = parser.parse_args(["perfusion", str(series), "--out", str(tmp_path / "out"), "-q", "--core-median", "2"])
