@@ -2,7 +2,7 @@
 
 Case: a phantom DWI + b0 (ADC computed) on 256x256x30 at 0.9x0.9x5 mm. Prints and records:
 - cold `strokeseg segment` wall time and peak RSS of the whole process (median of N runs), and
-  the same with MONAI imported as usual (``STROKESEG_PLAIN_MONAI=1``; the engine imports it lean,
+  the same with MONAI imported as usual (``STROKESEG_PLAIN_MONAI=1``; the command imports it lean,
   see strokeseg/_lean_monai.py), alternating run by run;
 - warm in-process `segment_case` wall time, split into read / preprocess / inference / postprocess;
 - the ratio of the warm pipeline to a bare forward pass of the same network over the same input
@@ -48,8 +48,8 @@ def make_case(root: Path) -> Path:
 def cold_run(case: Path, out: Path, device: str, plain_monai: bool = False) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one `strokeseg segment` process (``plain_monai``: with
     MONAI imported as usual instead of lean, the baseline of strokeseg._lean_monai)."""
-    code = ("import resource,sys,time;t=time.perf_counter();from strokeseg.cli import main;"
-            f"rc=main(['segment',{str(case)!r},'--out',{str(out)!r},'--device',{device!r},'-q']);"
+    code = ("import resource,sys,time;t=time.perf_counter();from strokeseg.cli import console;"
+            f"rc=console(['segment',{str(case)!r},'--out',{str(out)!r},'--device',{device!r},'-q']);"
             "print('WALL',time.perf_counter()-t);"
             "print('RSS',resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024);sys.exit(rc)")
     env = {**os.environ, "STROKESEG_PLAIN_MONAI": "1" if plain_monai else "0"}

@@ -246,5 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def console(argv: Sequence[str] | None = None) -> int:
+    """The ``strokeseg`` command (console script and ``python -m strokeseg.cli``): ``main`` in a
+    process of its own, which can therefore import MONAI lean (strokeseg/_lean_monai.py)."""
+    from ._lean_monai import use_lean_import
+
+    use_lean_import()
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

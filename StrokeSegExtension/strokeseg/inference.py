@@ -18,7 +18,7 @@ import torch
 from ._lean_monai import import_monai
 from .errors import Cancelled, StrokeSegError
 
-import_monai()  # first, so that the next line finds MONAI imported lean (cold start)
+import_monai()  # first, so that the next line finds MONAI imported lean in the strokeseg command
 from monai.inferers import sliding_window_inference  # noqa: E402
 
 ProgressFn = Callable[[float, str], None]

@@ -4,7 +4,7 @@ Training and inference build networks through the same registry, so a bundled mo
 exactly the architecture it was validated with. Built-ins wrap MONAI networks; our own
 architectures register themselves with :func:`register_network` from other modules
 (``strokeseg.networks_zoo`` is imported on first use when it exists).
-MONAI is imported inside the factories (lean: ``_lean_monai``), so importing this module stays cheap.
+MONAI is imported inside the factories (through ``_lean_monai``: lean in the strokeseg command), so importing this module stays cheap.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from typing import Any
 
 import cc3d
 import numpy as np
-import scipy.ndimage as ndi
 
 from . import __version__
 from .image import Image
@@ -158,8 +157,10 @@ def lesion_report(
         if probability is not None:
             fg = labels > 0
             lab, p = labels[fg], probability.array[box][fg].astype(np.float64)
-            index = np.arange(1, n + 1)
-            p_max = np.asarray(ndi.maximum(p, lab, index), dtype=float)
+            # numpy rather than scipy.ndimage.maximum: scipy's import is ~0.3 s of a cold `segment`
+            p_max = np.zeros(n + 1)
+            np.maximum.at(p_max, lab, p)
+            p_max = p_max[1:]
             p_mean = np.bincount(lab, weights=p, minlength=n + 1)[1:] / counts
         smallest = min_voxels(min_volume_ml, mask.spacing)  # same rounding as postprocess
         # Largest first; ties keep the (deterministic) label order.

@@ -23,7 +23,6 @@ from typing import Any
 
 import cc3d
 import numpy as np
-from scipy import ndimage
 
 RESEARCH_NOTE = ("Research use only: not a medical device and not for clinical decisions. "
                  "DEFUSE 3-style imaging criteria computed from the maps above.")
@@ -69,6 +68,8 @@ def _in_plane_median(rcbf: np.ndarray, tissue: np.ndarray, size: int) -> np.ndar
     48 cases, held-out test 14 -> 16 of 24 (benchmarks/results/perfusion_accuracy.json)."""
     if size <= 1:
         return rcbf
+    from scipy import ndimage  # local: the CLI imports Thresholds for its defaults on every command
+
     return ndimage.median_filter(np.where(tissue, rcbf, 1.0), size=(1, size, size), mode="nearest")
 
 
@@ -131,6 +132,8 @@ def decide(
         if th.core_requires_tmax_s is not None and core.any():
             lab, n = cc3d.connected_components(core.astype(np.uint8), connectivity=26, return_N=True)
             if n:
+                from scipy import ndimage
+
                 med = np.asarray(ndimage.median(tmax, labels=lab, index=np.arange(1, n + 1)))
                 keep = np.concatenate([[False], med > th.core_requires_tmax_s])
                 core = keep[lab]
