@@ -1,9 +1,10 @@
 """End-to-end DWI segmentation benchmark (issue target: clinical grid, 2-core CPU).
 
 Case: a phantom DWI + b0 (ADC computed) on 256x256x30 at 0.9x0.9x5 mm. Prints and records:
-- cold `strokeseg segment` wall time and peak RSS of the whole process (median of N runs), and
-  the same with MONAI imported as usual (``STROKESEG_PLAIN_MONAI=1``; the command imports it lean,
-  see strokeseg/_lean_monai.py), alternating run by run;
+- cold `strokeseg segment` wall time (process start to exit) and peak RSS of the whole process
+  (median of N runs), and the same through ``strokeseg.cli.main`` as the baseline (MONAI imported
+  whole, the interpreter's usual teardown; the console entry imports MONAI lean and skips the
+  teardown, see strokeseg/cli.py and strokeseg/_lean_monai.py), alternating run by run;
 - warm in-process `segment_case` wall time, split into read / preprocess / inference / postprocess;
 - the ratio of the warm pipeline to a bare forward pass of the same network over the same input
   (its sliding-window windows forwarded back to back: pipeline overhead), in the same process.
@@ -45,17 +46,21 @@ def make_case(root: Path) -> Path:
     return folder
 
 
-def cold_run(case: Path, out: Path, device: str, plain_monai: bool = False) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one `strokeseg segment` process (``plain_monai``: with
-    MONAI imported as usual instead of lean, the baseline of strokeseg._lean_monai)."""
-    code = ("import resource,sys,time;t=time.perf_counter();from strokeseg.cli import console;"
-            f"rc=console(['segment',{str(case)!r},'--out',{str(out)!r},'--device',{device!r},'-q']);"
-            "print('WALL',time.perf_counter()-t);"
-            "print('RSS',resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024);sys.exit(rc)")
-    env = {**os.environ, "STROKESEG_PLAIN_MONAI": "1" if plain_monai else "0"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    vals = {ln.split()[0]: float(ln.split()[1]) for ln in p.stdout.splitlines() if ln.startswith(("WALL", "RSS"))}
-    return vals["WALL"], vals["RSS"]
+def cold_run(case: Path, out: Path, device: str, baseline: bool = False) -> tuple[float, float]:
+    """Wall seconds (process start to exit, as a user waits for it) and peak RSS (MB) of one
+    `strokeseg segment` process. ``baseline``: ``strokeseg.cli.main`` instead of the console entry,
+    i.e. MONAI imported whole and the interpreter's usual teardown (the command before session 6)."""
+    args = f"['segment',{str(case)!r},'--out',{str(out)!r},'--device',{device!r},'-q']"
+    code = (f"import sys;from strokeseg.cli import main;sys.exit(main({args}))" if baseline
+            else f"from strokeseg.cli import console;console({args})")
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"cold run failed (exit {p.returncode}): {code}")
+    return wall, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -69,7 +74,7 @@ def main() -> None:
         cold, cold_plain = [], []
         for i in range(args.runs):  # alternating, so that both see the same machine load
             cold.append(cold_run(case, tmp / f"cold{i}", args.device))
-            cold_plain.append(cold_run(case, tmp / f"plain{i}", args.device, plain_monai=True))
+            cold_plain.append(cold_run(case, tmp / f"plain{i}", args.device, baseline=True))
 
         segment_case(case, tmp / "warmup", device=args.device)  # loads the model once
         warm, parts = [], []
@@ -114,8 +119,8 @@ def main() -> None:
         "runs": args.runs,
         "cold_cli_wall_s_median": round(med(w for w, _ in cold), 3),
         "cold_cli_peak_rss_mb_max": round(max(r for _, r in cold), 1),
-        "cold_cli_plain_monai_wall_s_median": round(med(w for w, _ in cold_plain), 3),
-        "cold_cli_lean_over_plain_monai": round(med(w for w, _ in cold) / med(w for w, _ in cold_plain), 2),
+        "cold_cli_baseline_wall_s_median": round(med(w for w, _ in cold_plain), 3),
+        "cold_cli_over_baseline": round(med(w for w, _ in cold) / med(w for w, _ in cold_plain), 2),
         "warm_segment_case_s_median": round(med(warm), 3),
         "warm_parts_s_median": {k: round(med(p[k] for p in parts), 3) for k in parts[0]},
         "windows": n_windows,

@@ -55,15 +55,22 @@ def test_plain_monai_import_on_request():
     assert res["loaded"]["sklearn"]  # MONAI's own import pulls it in
 
 
-def test_console_entry_point_opts_in():
+def test_console_entry_point_opts_in_and_exits_with_mains_code():
     code = """
-        import json, strokeseg._lean_monai as lean
-        from strokeseg.cli import console
+        import json, sys, strokeseg._lean_monai as lean
+        from strokeseg import cli
         before = lean._lean
-        rc = console(["models"])
-        print(json.dumps({"before": before, "after": lean._lean, "rc": rc}))
+        def fake_main(argv):
+            print(json.dumps({"before": before, "during": lean._lean, "argv": argv}))  # flushed by console
+            return 3
+        cli.main = fake_main
+        cli.console(["models"])
+        print("not reached")
     """
-    assert _run(code, STROKESEG_PLAIN_MONAI="0") == {"before": False, "after": True, "rc": 0}
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                       env={**os.environ, "STROKESEG_PLAIN_MONAI": "0"})
+    assert p.returncode == 3, p.stderr
+    assert json.loads(p.stdout.strip()) == {"before": False, "during": True, "argv": ["models"]}
 
 
 SLIDING_WINDOW = """
