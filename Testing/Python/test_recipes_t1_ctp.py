@@ -278,6 +278,22 @@ def test_recipe_writes_ctp_dwi_phantoms_a_dataset_adapter_reads(tmp_path):
     assert (tmp_path / "cv" / case.case_id / "case.json").stat().st_mtime_ns == stamp
 
 
+def test_generate_command_writes_the_recipes_own_phantoms(tmp_path):
+    """`strokeseg-train generate` prepares paper 004's CTP + DWI phantoms (not the shared splits)
+    and caches the dataset's splits from them."""
+    phantom = {"modality": "ctp", "seed": 7, "count": 3, "test_count": 1,
+               "options": {"size": [32, 32, 4], "compute_maps": False, "motion": False}}
+    data = {"source": "generic", "root": str(tmp_path / "cv"), "test_root": str(tmp_path / "test"), "folds": 2,
+            "fold": 0, "seed": 0, "cache_dir": str(tmp_path / "cache"), "workers": 1, "n_val": 1, "n_test": 1,
+            "phantom": phantom}
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data={json.dumps(data)}", "card.target_spacing=[4.0,4.0,5.0]",
+                 'card.inputs={"required":["ctp"],"optional":[]}', "card.derivable={}"]
+    assert train_main(["generate", "--config", str(CONFIGS / "paper004_ctp_gan.json"), *_sets(overrides)]) == 0
+    assert sorted(p.name for p in (tmp_path / "cv").iterdir()) == ["ctp-train-00007", "ctp-train-00008", "ctp-train-00009"]
+    assert (tmp_path / "test" / "ctp-test-900007" / "case.json").is_file()
+    assert list((tmp_path / "cache").rglob("*.npz"))  # the splits were cached from them
+
+
 # -- end-to-end smoke runs ---------------------------------------------------------------------
 
 

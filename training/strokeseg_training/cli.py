@@ -23,7 +23,7 @@ from .config import card_of, load_config, run_dir
 from .data import build_split
 from .evaluate import case_probabilities, score, summarise, tune
 from .export import export_model, stage_records
-from .recipes import train_recipe
+from .recipes import prepare_data, train_recipe
 
 
 def _net(cfg: dict, weights: Path, device: str = "cpu") -> torch.nn.Module:
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "strokeseg-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     t0 = time.time()
     if args.command in ("generate",):
+        prepare_data(cfg)
         for split in ("train", "val", "test"):
             build_split(cfg, split, workers=int(cfg["data"].get("workers", 2)))
     if args.command in ("train", "all"):

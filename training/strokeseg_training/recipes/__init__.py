@@ -24,6 +24,22 @@ RECIPES: dict[str, str] = {
     "paper004_ctp_gan": "strokeseg_training.recipes.paper004_ctp_gan:train",
 }
 
+# Recipes whose data is not the shared phantom splits prepare it themselves (``generate`` runs
+# this, and their trainer runs it first too).
+DATA_PREPARERS: dict[str, str] = {
+    "paper004_ctp_gan": "strokeseg_training.recipes.paper004_ctp_gan:ensure_phantoms",
+}
+
+
+def prepare_data(cfg: dict[str, Any]) -> bool:
+    """Run the config's recipe-specific data preparation; False if the recipe has none."""
+    spec = DATA_PREPARERS.get(cfg.get("recipe", "unet3d"))
+    if spec is None:
+        return False
+    module, func = spec.split(":")
+    getattr(importlib.import_module(module), func)(cfg)
+    return True
+
 
 def trainer(name: str) -> Trainer:
     """The training function of recipe ``name``; a clear error lists the known ones."""
