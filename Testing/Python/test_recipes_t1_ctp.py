@@ -278,6 +278,30 @@ def test_recipe_writes_ctp_dwi_phantoms_a_dataset_adapter_reads(tmp_path):
     assert (tmp_path / "cv" / case.case_id / "case.json").stat().st_mtime_ns == stamp
 
 
+def test_phantoms_the_engine_refuses_are_left_out_with_a_reason(tmp_path, monkeypatch):
+    import strokeseg.phantom.perfusion as perfusion_phantom
+    from strokeseg_training.adapters import get_adapter
+    from strokeseg_training.recipes.paper004_ctp_gan import ensure_phantoms
+
+    real = perfusion_phantom.simulate_perfusion
+
+    def refuse_seed_8(seed, *args, **kwargs):
+        case = real(seed, *args, **kwargs)
+        if seed == 8:  # as when the simulated head moved beyond what motion correction accepts
+            case.info["computed"] = {"error": "motion beyond correction: frame 19 moved 10.8 mm (limit 10 mm)"}
+        return case
+
+    monkeypatch.setattr(perfusion_phantom, "simulate_perfusion", refuse_seed_8)
+    cfg = {"data": {"root": str(tmp_path / "cv"), "workers": 1,
+                    "phantom": {"seed": 7, "count": 2, "options": {"size": [32, 32, 4], "compute_maps": False, "motion": False}}}}
+    ensure_phantoms(cfg)
+    assert [c.case_id for c in get_adapter("generic").cases(tmp_path / "cv")] == ["ctp-train-00007"]
+    marker = tmp_path / "cv" / "ctp-train-00008.refused.txt"
+    assert "motion beyond correction" in marker.read_text(encoding="utf-8")
+    monkeypatch.setattr(perfusion_phantom, "simulate_perfusion", None)  # nothing is simulated again
+    ensure_phantoms(cfg)
+
+
 def test_generate_command_writes_the_recipes_own_phantoms(tmp_path):
     """`strokeseg-train generate` prepares paper 004's CTP + DWI phantoms (not the shared splits)
     and caches the dataset's splits from them."""

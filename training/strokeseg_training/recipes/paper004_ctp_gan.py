@@ -52,7 +52,7 @@ from strokeseg.networks import build
 from strokeseg.preprocess import canonical_grid, normalise
 
 from ..config import REPO_ROOT, card_of, run_dir
-from ..data import SPLIT_SEED_OFFSET, build_split, load_volumes
+from ..data import REFUSED_SUFFIX, SPLIT_SEED_OFFSET, build_split, load_volumes
 from ..folds import fold_config, summarise_folds
 from ..train import validate
 from ._runloop import RunFolder
@@ -76,6 +76,12 @@ def _phantom_one(args: tuple[int, str, str, str | None, dict[str, Any]]) -> str:
 
     seed, split, root, library, options = args
     case = simulate_perfusion(seed, "ctp", library, split, dwi=True, **options)
+    if "error" in case.info.get("computed", {}):
+        # The engine refuses this series (e.g. motion beyond correction), as it would a user's: no
+        # maps, so no case; the marker keeps the seed from being simulated again (as data.build_split).
+        reason = f"{case.case_id}: no perfusion maps ({case.info['computed']['error']})"
+        write_text(reason + "\n", Path(root) / f"{case.case_id}{REFUSED_SUFFIX}")
+        return reason
     folder = Path(root) / case.case_id
     for key, img in case.images.items():
         write_image(img, folder / f"{key}.nii.gz")
@@ -89,7 +95,8 @@ def _phantom_one(args: tuple[int, str, str, str | None, dict[str, Any]]) -> str:
 def ensure_phantoms(cfg: dict[str, Any], workers: int | None = None) -> None:
     """Write the config's CTP + DWI phantoms (``data.phantom``) into ``data.root`` (``count`` cases,
     train-split lesion shapes) and ``data.test_root`` (``test_count``, test-split shapes), keeping
-    the complete cases already there (case.json is written last)."""
+    the complete cases already there (case.json is written last). A series the engine refuses
+    (motion beyond correction) is left out, with a ``.refused.txt`` marker saying why."""
     d = cfg["data"]
     spec = d.get("phantom")
     if not spec:
@@ -107,7 +114,8 @@ def ensure_phantoms(cfg: dict[str, Any], workers: int | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         for k in range(int(spec[count_key])):
             seed = seed0 + SPLIT_SEED_OFFSET[split] + k
-            if not (root / f"ctp-{split}-{seed:05d}" / "case.json").is_file():
+            name = f"ctp-{split}-{seed:05d}"
+            if not (root / name / "case.json").is_file() and not (root / f"{name}{REFUSED_SUFFIX}").is_file():
                 todo.append((seed, split, str(root), library, dict(spec.get("options", {}))))
     if not todo:
         return
@@ -118,6 +126,11 @@ def ensure_phantoms(cfg: dict[str, Any], workers: int | None = None) -> None:
     else:
         for t in tqdm(todo, desc="CTP + DWI phantoms", unit="case"):
             _phantom_one(t)
+    for key in ("root", "test_root"):
+        refused = sorted(_abs(d[key]).glob(f"*{REFUSED_SUFFIX}")) if d.get(key) else []
+        if refused:
+            print(f"{len(refused)} phantoms in {d[key]} left out, refused by the engine as a user's scan would be "
+                  f"(first: {refused[0].read_text(encoding='utf-8').strip()})")
 
 
 def dwi_targets(cfg: dict[str, Any], npz_files: Sequence[Path]) -> list[np.ndarray]:
