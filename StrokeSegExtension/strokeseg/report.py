@@ -159,7 +159,8 @@ def lesion_report(
             lab, p = labels[fg], probability.array[box][fg].astype(np.float64)
             # numpy rather than scipy.ndimage.maximum: scipy's import is ~0.3 s of a cold `segment`
             p_max = np.zeros(n + 1)
-            np.maximum.at(p_max, lab, p)
+            with np.errstate(invalid="ignore"):  # a NaN probability gives a NaN maximum, quietly
+                np.maximum.at(p_max, lab, p)
             p_max = p_max[1:]
             p_mean = np.bincount(lab, weights=p, minlength=n + 1)[1:] / counts
         smallest = min_voxels(min_volume_ml, mask.spacing)  # same rounding as postprocess
