@@ -67,6 +67,27 @@ def _cache_key(cfg: dict[str, Any], split: str) -> str:
     return data_key({**cfg, "data": {**cfg["data"], tag: version}}, split)
 
 
+def mark_refused(case: Any, folder: Path) -> str | None:
+    """If the engine refused a perfusion phantom's series (e.g. motion beyond correction), as it
+    would a user's: no maps, so no training case. Writes a marker with the reason into ``folder``
+    (it keeps the seed from being simulated again) and returns the reason; None otherwise."""
+    error = case.info.get("computed", {}).get("error")
+    if error is None:
+        return None
+    reason = f"{case.case_id}: no perfusion maps ({error})"
+    (folder / f"{case.case_id}{REFUSED_SUFFIX}").write_text(reason + "\n", encoding="utf-8")
+    return reason
+
+
+def report_refused(folder: Path, label: str, total: int | None = None) -> None:
+    """Print how many phantoms in ``folder`` the engine refused (markers of ``mark_refused``)."""
+    refused = sorted(folder.glob(f"*{REFUSED_SUFFIX}"))
+    if refused:
+        of = f" of {total}" if total is not None else ""
+        print(f"{label}: {len(refused)}{of} phantoms left out, refused by the engine as a user's scan would be "
+              f"(first: {refused[0].read_text(encoding='utf-8').strip()})")
+
+
 def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
     cfg, split, seed, cache_dir, case_root = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -78,11 +99,8 @@ def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
         from strokeseg.phantom.perfusion import simulate_perfusion, write_perfusion_case
 
         case = simulate_perfusion(seed, modality, _library(cfg), split, **cfg["data"].get("phantom_options", {}))
-        if "error" in case.info.get("computed", {}):
-            # The engine refuses this series (e.g. motion beyond correction), as it would a user's:
-            # no maps, so no training case. The marker keeps the seed from being re-simulated.
-            reason = f"{case.case_id}: no perfusion maps ({case.info['computed']['error']})"
-            (Path(cache_dir) / f"{case.case_id}{REFUSED_SUFFIX}").write_text(reason + "\n", encoding="utf-8")
+        reason = mark_refused(case, Path(cache_dir))
+        if reason:
             return reason
         write = write_perfusion_case
     elif modality in STRUCTURAL_PHANTOMS:  # chronic T1 (ATLAS-like) / sub-acute T1-T2-FLAIR-DWI (SISS-like)
@@ -133,10 +151,7 @@ def build_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tuple[l
         else:
             for t in tqdm(todo, desc=f"phantoms ({split})", unit="case"):
                 _make_one(t)
-    refused = sorted(cache_dir.glob(f"*{REFUSED_SUFFIX}"))
-    if refused:
-        print(f"{split}: {len(refused)} of {n} phantoms skipped, refused by the engine as a user's scan would be "
-              f"(first: {refused[0].read_text(encoding='utf-8').strip()})")
+    report_refused(cache_dir, split, n)
     files = sorted(cache_dir.glob("*.npz"))[:n]
     return files, case_root
 

@@ -52,7 +52,7 @@ from strokeseg.networks import build
 from strokeseg.preprocess import canonical_grid, normalise
 
 from ..config import REPO_ROOT, card_of, run_dir
-from ..data import REFUSED_SUFFIX, SPLIT_SEED_OFFSET, build_split, load_volumes
+from ..data import REFUSED_SUFFIX, SPLIT_SEED_OFFSET, build_split, load_volumes, mark_refused, report_refused
 from ..folds import fold_config, summarise_folds
 from ..train import validate
 from ._runloop import RunFolder
@@ -76,11 +76,8 @@ def _phantom_one(args: tuple[int, str, str, str | None, dict[str, Any]]) -> str:
 
     seed, split, root, library, options = args
     case = simulate_perfusion(seed, "ctp", library, split, dwi=True, **options)
-    if "error" in case.info.get("computed", {}):
-        # The engine refuses this series (e.g. motion beyond correction), as it would a user's: no
-        # maps, so no case; the marker keeps the seed from being simulated again (as data.build_split).
-        reason = f"{case.case_id}: no perfusion maps ({case.info['computed']['error']})"
-        write_text(reason + "\n", Path(root) / f"{case.case_id}{REFUSED_SUFFIX}")
+    reason = mark_refused(case, Path(root))
+    if reason:
         return reason
     folder = Path(root) / case.case_id
     for key, img in case.images.items():
@@ -127,10 +124,8 @@ def ensure_phantoms(cfg: dict[str, Any], workers: int | None = None) -> None:
         for t in tqdm(todo, desc="CTP + DWI phantoms", unit="case"):
             _phantom_one(t)
     for key in ("root", "test_root"):
-        refused = sorted(_abs(d[key]).glob(f"*{REFUSED_SUFFIX}")) if d.get(key) else []
-        if refused:
-            print(f"{len(refused)} phantoms in {d[key]} left out, refused by the engine as a user's scan would be "
-                  f"(first: {refused[0].read_text(encoding='utf-8').strip()})")
+        if d.get(key):
+            report_refused(_abs(d[key]), str(d[key]))
 
 
 def dwi_targets(cfg: dict[str, Any], npz_files: Sequence[Path]) -> list[np.ndarray]:
