@@ -24,21 +24,19 @@ RECIPES: dict[str, str] = {
     "paper004_ctp_gan": "strokeseg_training.recipes.paper004_ctp_gan:train",
 }
 
-# Recipes whose data is not the shared phantom splits prepare it themselves (``generate`` runs
-# this, and their trainer runs it first too).
+# Recipes whose data is not the shared phantom splits prepare it themselves; ``generate`` and
+# ``train_recipe`` run this first.
 DATA_PREPARERS: dict[str, str] = {
     "paper004_ctp_gan": "strokeseg_training.recipes.paper004_ctp_gan:ensure_phantoms",
 }
 
 
-def prepare_data(cfg: dict[str, Any]) -> bool:
-    """Run the config's recipe-specific data preparation; False if the recipe has none."""
+def prepare_data(cfg: dict[str, Any]) -> None:
+    """Run the config's recipe-specific data preparation, if its recipe has one."""
     spec = DATA_PREPARERS.get(cfg.get("recipe", "unet3d"))
-    if spec is None:
-        return False
-    module, func = spec.split(":")
-    getattr(importlib.import_module(module), func)(cfg)
-    return True
+    if spec is not None:
+        module, func = spec.split(":")
+        getattr(importlib.import_module(module), func)(cfg)
 
 
 def trainer(name: str) -> Trainer:
@@ -50,4 +48,5 @@ def trainer(name: str) -> Trainer:
 
 
 def train_recipe(cfg: dict[str, Any], *, resume: bool = True) -> Path:
+    prepare_data(cfg)
     return trainer(cfg.get("recipe", "unet3d"))(cfg, resume=resume)

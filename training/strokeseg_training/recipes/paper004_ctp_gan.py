@@ -353,9 +353,9 @@ def _train_one(cfg: dict[str, Any], resume: bool) -> Path:
 
 
 def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
-    """Generate phantoms when configured, train fold ``data.fold`` (the exported model) and, with
-    ``train.cross_validate``, the other folds too; returns the exported fold's run folder."""
-    ensure_phantoms(cfg)
+    """Train fold ``data.fold`` (the exported model) and, with ``train.cross_validate``, the other
+    folds too; returns the exported fold's run folder. The phantoms (``ensure_phantoms``) are
+    written first by ``recipes.train_recipe`` / ``generate``."""
     out = _train_one(cfg, resume)
     if cfg["train"].get("cross_validate"):
         k, main = int(cfg["data"].get("folds", 4)), int(cfg["data"].get("fold", 0))
