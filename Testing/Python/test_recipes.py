@@ -368,3 +368,25 @@ def test_paper002_end_to_end(tmp_path):
     test_summary = json.loads((run / "test" / "summary.json").read_text(encoding="utf-8"))
     assert "m_fp" in test_summary["detection"] and "subject_detection_rate" in test_summary["detection"]
     segment_with_export(tmp_path, cfg, root / "case00")
+
+
+# -- the comparison tables of training/README.md ------------------------------------------------
+
+# (paper recipe's config, the bundled model's config) that share a comparison table: the held-out
+# phantoms are the seeds data.seed + the test offset, so equal modality, seed, test count and lesion
+# library mean the same cases.
+COMPARED = [("paper000_deepmedic.json", "mrp_unet.json"), ("paper001_asymunet.json", "dwi_unet.json"),
+            ("paper002_edd_muscle.json", "dwi_unet.json"), ("paper003_t1_cnn.json", "t1_unet.json")]
+
+
+def _held_out(name: str) -> tuple:
+    data = json.loads((CONFIGS / name).read_text(encoding="utf-8"))["data"]
+    if data.get("phantom"):  # a recipe writing its own phantoms (paper 004)
+        p = data["phantom"]
+        return p["modality"], p["seed"], p["test_count"], p["lesion_library"]
+    return data["modality"], data["seed"], data["n_test"], data["lesion_library"]
+
+
+@pytest.mark.parametrize("paper, bundled", COMPARED + [("paper004_ctp_gan.json", "ctp_unet.json")])
+def test_compared_recipes_meet_the_same_held_out_phantoms(paper, bundled):
+    assert _held_out(paper) == _held_out(bundled)
