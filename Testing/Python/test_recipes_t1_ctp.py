@@ -321,6 +321,27 @@ def test_generate_command_writes_the_recipes_own_phantoms(tmp_path):
 # -- end-to-end smoke runs ---------------------------------------------------------------------
 
 
+def test_paper003_stops_at_a_validated_step_when_the_budget_is_spent(tmp_path):
+    """A run whose time budget ran out during a validation (or that is resumed after it) stops
+    there: no second whole-volume validation one step later, and train_summary.json is written."""
+    root = _t1_dataset(tmp_path / "t1data")
+    data = {"source": "generic", "root": str(root), "folds": 2, "fold": 0, "test_fraction": 0.34, "seed": 0,
+            "cache_dir": str(tmp_path / "cache"), "workers": 1, "n_val": 2, "n_test": 2}
+    base = [f"run_dir={tmp_path / 'run'}", f"data={json.dumps(data)}", "card.target_spacing=[2.0,2.0,2.0]",
+            "card.inference.roi_size=[32,32,32]", "card.network.args.channels=[3,3,4,4,4]",
+            "card.network.args.fc_channels=4", "train.val_every=3", "train.batch_size=8", "train.lr=0.001",
+            "train.epsilon=0.05"]
+    assert train_main(["train", "--config", str(CONFIGS / "paper003_t1_cnn.json"), *_sets(base + ["train.steps=3"])]) == 0
+    log = tmp_path / "run" / "log.csv"
+    before = log.read_text(encoding="utf-8")
+    assert before.splitlines()[-1].startswith("3,")  # validated at step 3
+    # Resumed with more steps but no time left: it stops at step 3 instead of training and validating step 4.
+    assert train_main(["train", "--config", str(CONFIGS / "paper003_t1_cnn.json"),
+                       *_sets(base + ["train.steps=9", "train.max_minutes=0"])]) == 0
+    assert log.read_text(encoding="utf-8") == before
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text(encoding="utf-8"))["steps_done"] == 3
+
+
 def test_paper003_recipe_end_to_end_smoke(tmp_path):
     root = _t1_dataset(tmp_path / "t1data")
     models = tmp_path / "models"
