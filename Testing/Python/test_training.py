@@ -53,6 +53,19 @@ def test_dwi_recipe_end_to_end_smoke(tmp_path):
     assert res.mask.same_grid(case.images["dwi"]) and np.isfinite(res.probability.array).all()
 
 
+def test_data_key_follows_the_cases_only():
+    """Editing a description or generating with fewer processes reuses a dataset cache; a seed,
+    a split or the model grid does not."""
+    from strokeseg_training.config import data_key
+
+    cfg = load_config(CONFIG)
+    key = data_key(cfg, "train")
+    assert data_key(load_config(CONFIG, ["data.description=edited", "data.workers=1"]), "train") == key
+    assert data_key(load_config(CONFIG, ["data.seed=12345"]), "train") != key
+    assert data_key(cfg, "val") != key
+    assert data_key(load_config(CONFIG, ["card.target_spacing=[3.0,3.0,3.0]"]), "train") != key
+
+
 def test_config_overrides_parse_json():
     cfg = load_config(CONFIG, ["train.steps=7", "card.patch_size=[8,8,8]", "data.note=plain text"])
     assert cfg["train"]["steps"] == 7 and cfg["card"]["patch_size"] == [8, 8, 8] and cfg["data"]["note"] == "plain text"

@@ -45,11 +45,17 @@ def run_dir(cfg: dict[str, Any]) -> Path:
     return d
 
 
+# Data fields that do not change the cases: free text, and how many processes generate them.
+NOT_IN_DATA_KEY = ("description", "workers")
+
+
 def data_key(cfg: dict[str, Any], split: str) -> str:
-    """A cache key that changes whenever what the cases look like would change."""
+    """A cache key that changes whenever what the cases look like would change (and only then:
+    editing a description or ``--set data.workers=1`` on a busy machine reuses the cache)."""
     from strokeseg.phantom import GENERATOR_VERSION
 
-    blob = json.dumps({"data": cfg["data"], "split": split, "generator": GENERATOR_VERSION,
+    data = {k: v for k, v in cfg["data"].items() if k not in NOT_IN_DATA_KEY}
+    blob = json.dumps({"data": data, "split": split, "generator": GENERATOR_VERSION,
                        "spacing": cfg["card"]["target_spacing"], "norm": cfg["card"].get("normalisation"),
                        "inputs": cfg["card"]["inputs"],
                        # only when present, so caches of configs without derived channels stay valid
