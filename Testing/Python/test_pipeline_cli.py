@@ -305,7 +305,10 @@ def test_batch_ctrl_c_keeps_finished_cases_and_no_partial_files(phantom, tmp_pat
     p = subprocess.Popen([sys.executable, "-m", "strokeseg.cli", "segment", "--input-dir", str(root), "--out", str(out),
                           "--device", "cpu", "--models-dir", str(models_dir)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
-                         errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         # as from a terminal: a test run started in the background (`cmd &`) ignores
+                         # SIGINT, and an ignored SIGINT is inherited and never reaches Python
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "case00" / "report.json").exists():
         time.sleep(0.05)
