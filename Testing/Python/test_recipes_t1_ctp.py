@@ -321,6 +321,23 @@ def test_generate_command_writes_the_recipes_own_phantoms(tmp_path):
 # -- end-to-end smoke runs ---------------------------------------------------------------------
 
 
+def test_run_folder_knows_when_the_budget_ran_out_at_a_validated_step(tmp_path):
+    """The check paper 003's and paper 004's loops share: only at the validated step, only with
+    the budget gone, and a resume counts its checkpoint as validated."""
+    from strokeseg_training.recipes._runloop import RunFolder
+
+    net = torch.nn.Linear(2, 2)
+    run = RunFolder(tmp_path, ["loss"])
+    assert run.resume({"net": net}, {}, torch.device("cpu"), True) == 0
+    assert not run.budget_spent_at_validation(0, -1.0)  # nothing validated yet
+    run.checkpoint(3, net, 0.5, {"net": net}, {})
+    assert run.budget_spent_at_validation(3, -1.0) and not run.budget_spent_at_validation(3, 1e9)
+    assert not run.budget_spent_at_validation(4, -1.0)
+    again = RunFolder(tmp_path, ["loss"])
+    assert again.resume({"net": net}, {}, torch.device("cpu"), True) == 3
+    assert again.budget_spent_at_validation(3, -1.0)
+
+
 def test_paper003_stops_at_a_validated_step_when_the_budget_is_spent(tmp_path):
     """A run whose time budget ran out during a validation (or that is resumed after it) stops
     there: no second whole-volume validation one step later, and train_summary.json is written."""

@@ -30,6 +30,7 @@ class RunFolder:
         self.ckpt = out / "checkpoint.pt"
         self.log = out / "log.csv"
         self.best = -1.0
+        self.validated_step = 0  # the step of the last validation (= of the checkpoint)
         self.t0 = time.time()
 
     def resume(self, modules: dict[str, torch.nn.Module], optims: dict[str, torch.optim.Optimizer],
@@ -46,7 +47,15 @@ class RunFolder:
         if start == 0 or not self.log.is_file():
             self.log.write_text(",".join(self.columns) + "\n")
         self.t0 = time.time() - elapsed
+        self.validated_step = start  # checkpoints are written at validations only
         return start
+
+    def budget_spent_at_validation(self, step: int, budget_s: float) -> bool:
+        """True when the loop is about to run ``step`` with the time budget gone and the weights
+        of ``step`` already validated (the budget ran out during that validation, or a resume
+        after it): stop there rather than train one step and validate again, which on a CPU
+        costs a whole-volume validation for nothing."""
+        return self.validated_step == step > 0 and self.elapsed() > budget_s
 
     def elapsed(self) -> float:
         return time.time() - self.t0
@@ -60,6 +69,7 @@ class RunFolder:
     def checkpoint(self, step: int, net: torch.nn.Module, val_dice: float,
                    modules: dict[str, torch.nn.Module], optims: dict[str, torch.optim.Optimizer]) -> None:
         """After a validation: best/last weights of the card's network, then the full checkpoint."""
+        self.validated_step = step
         if val_dice > self.best:
             self.best = val_dice
             save_weights(net, self.out / "best.safetensors")

@@ -143,12 +143,8 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     print(f"paper 003: {len(sampler)} balanced centres ({sampler.lesion_fraction:.1%} lesion), {steps} steps of {batch}")
     net.train()
     step, smoothed = start - 1, None
-    validated = start  # checkpoints (hence a resume) are written at validations only
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="training (003)"):
-        if validated == step > 0 and run.elapsed() > budget_s:
-            # The budget ran out during a validation (whole-volume inference is most of a CPU
-            # run's time): those weights are validated already, a second validation one step
-            # later would double the cost for nothing.
+        if run.budget_spent_at_validation(step, budget_s):
             step -= 1
             break
         x, y = sampler.batch(batch)
@@ -164,7 +160,6 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
             val_dice = validate(net, card, val_vols, dev)
             run.checkpoint(step + 1, net, val_dice, {"net": net}, {"opt": opt})
             run.row(step + 1, {"loss": smoothed}, lr, val_dice)
-            validated = step + 1
         elif (step + 1) % 25 == 0:
             run.row(step + 1, {"loss": smoothed}, lr)
         if last:

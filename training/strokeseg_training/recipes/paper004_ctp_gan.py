@@ -329,6 +329,9 @@ def _train_one(cfg: dict[str, Any], resume: bool) -> Path:
     smoothed: dict[str, float] = {}
     step = start - 1
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="training (004)"):
+        if run.budget_spent_at_validation(step, budget_s):
+            step -= 1
+            break
         factor = _lr_factor(max(step / steps, run.elapsed() / budget_s), milestones, gamma)
         for g, b in zip((*opt_g.param_groups, *opt_d.param_groups), base):
             g["lr"] = b * factor
