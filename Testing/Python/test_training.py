@@ -42,6 +42,14 @@ def test_dwi_recipe_end_to_end_smoke(tmp_path):
     assert len(tuning["table"]) == 4 and tuning["best"]["threshold"] in (0.4, 0.6)
     assert (run / "test" / "summary.json").is_file() and (run / "test" / "bland_altman.png").is_file()
 
+    # Resumed with more steps but no time left, it stops at its validated step 4 instead of
+    # training step 5 and validating again.
+    before = (run / "log.csv").read_text(encoding="utf-8")
+    more = [a for o in overrides + ["train.steps=8", "train.max_minutes=0"] for a in ("--set", o)]
+    assert train_main(["train", "--config", str(CONFIG)] + more) == 0
+    assert (run / "log.csv").read_text(encoding="utf-8") == before
+    assert json.loads((run / "train_summary.json").read_text(encoding="utf-8"))["steps_done"] == 4
+
     # The export is a valid, loadable model that the engine runs through its card alone.
     (card,) = load_registry(models)
     assert card.id == "dwi-unet" and card.training["command"].startswith("strokeseg-train all")
@@ -109,3 +117,27 @@ def test_hard_negative_patches_centre_on_lesion_mimics():
 
     assert mimic_share(1.0) == 1.0
     assert mimic_share(0.0) < 0.2
+
+
+def test_fit_does_not_validate_twice_when_the_budget_runs_out_during_a_validation(tmp_path):
+    """The paper recipes' loop: a validation that outlasts the budget ends the run there."""
+    import time
+
+    import torch
+
+    from strokeseg_training.train import fit
+
+    net = torch.nn.Conv3d(1, 1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    calls = []
+
+    def slow_validation(_net):
+        calls.append(1)
+        time.sleep(2.5)  # longer than the whole budget
+        return float(len(calls))
+
+    res = fit(net, lambda: (torch.zeros(1, 1, 2, 2, 2), torch.zeros(1, 1, 2, 2, 2)), torch.nn.functional.mse_loss, opt,
+              steps=10, out=tmp_path, device=torch.device("cpu"), val_fn=slow_validation, val_every=2,
+              max_minutes=2.0 / 60)
+    assert len(calls) == 1 and res["steps_done"] == 2
+    assert (tmp_path / "best.safetensors").is_file()

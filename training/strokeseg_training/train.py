@@ -133,7 +133,7 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     def set_lr(step: int, elapsed: float) -> float:
         """Warm-up then cosine decay over the run's progress: steps done or time budget used,
         whichever is further, so a time-limited CPU run still anneals."""
-        progress = min(1.0, max(step / steps, elapsed / budget_s))
+        progress = min(1.0, max(step / steps, elapsed / budget_s if budget_s > 0 else 1.0))
         lr = base_lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * progress))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -158,11 +158,14 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     t0 = time.time() - elapsed0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="training", disable=rank != 0)
     net.train()
-    step = start - 1  # a resumed run that is already complete does no step
+    done = start  # steps done; a resumed run that is already complete does no step
+    validated = start  # checkpoints are written at validations only
     for step in bar:
+        elapsed = _elapsed(t0, world, dev)
+        if validated == step > 0 and elapsed > budget_s:
+            break  # the budget ran out during the last validation (or before a resume): nothing new to validate
         x, y = sampler.batch(int(tc.get("batch_size", 2)))
         x, y = x.to(dev), y.to(dev)
-        elapsed = _elapsed(t0, world, dev)
         lr = set_lr(step, elapsed)
         with torch.autocast(dev.type, enabled=dev.type == "cuda"):
             loss = loss_fn(net(x), y)
@@ -171,11 +174,15 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
         scaler.step(opt)
         scaler.update()
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
-        last = step + 1 == steps or elapsed > budget_s
+        done = step + 1
+        last = done == steps or elapsed > budget_s
+        validating = done % int(tc.get("val_every", 250)) == 0 or last
+        if validating:
+            validated = done  # on every rank, so that all ranks take the same break above
         if rank == 0:
             bar.set_postfix(loss=f"{smoothed:.3f}", best=f"{best:.3f}")
             val = ""
-            if (step + 1) % int(tc.get("val_every", 250)) == 0 or last:
+            if validating:
                 val_dice = validate(module, card, val_vols, dev)
                 val = f"{val_dice:.4f}"
                 if val_dice > best:
@@ -193,7 +200,7 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     if rank == 0:
         plot_curves(log_csv, out / "curves.png")
         (out / "train_summary.json").write_text(json.dumps(
-            {"steps_done": step + 1, "best_val_dice": best, "duration_s": time.time() - t0,
+            {"steps_done": done, "best_val_dice": best, "duration_s": time.time() - t0,
              "device": str(dev), "world_size": world}, indent=2))
     if world > 1:
         dist.destroy_process_group()
@@ -216,10 +223,12 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
     log.write_text("step,loss,lr,val,elapsed_s\n")
     t0 = time.time()
     budget = float(max_minutes) * 60 if max_minutes else math.inf
-    smoothed, rounds_without, step = None, 0, -1
+    smoothed, rounds_without, done, validated = None, 0, 0, 0
     net.to(device).train()
     bar = tqdm(range(steps), desc=desc, leave=False)
     for step in bar:
+        if validated == step > 0 and time.time() - t0 > budget:
+            break  # the budget ran out during the last validation: do not train a step to validate it again
         if schedule is not None:
             schedule(step, max(step / max(steps, 1), (time.time() - t0) / budget))
         x, y = next_batch()
@@ -228,9 +237,11 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
         loss.backward()
         opt.step()
         smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-        last = step + 1 == steps or time.time() - t0 > budget
+        done = step + 1
+        last = done == steps or time.time() - t0 > budget
         val = ""
-        if (step + 1) % max(int(val_every), 1) == 0 or last:
+        if done % max(int(val_every), 1) == 0 or last:
+            validated = done
             net.eval()
             with torch.no_grad():
                 score = float(val_fn(net))
@@ -250,7 +261,7 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
             break
     if not (out / weights_name).is_file():  # never validated better than the given best: keep the last
         save_weights(net, out / weights_name)
-    return {"steps_done": step + 1, "best_val": best, "duration_s": time.time() - t0}
+    return {"steps_done": done, "best_val": best, "duration_s": time.time() - t0}
 
 
 def recipe_setup(cfg: dict[str, Any]) -> tuple[Path, Any, list, list, torch.device, np.random.Generator]:
