@@ -119,6 +119,35 @@ def test_hard_negative_patches_centre_on_lesion_mimics():
     assert mimic_share(0.0) < 0.2
 
 
+def test_dark_asymmetry_mimics_are_where_the_image_and_its_mirror_differ_inside_the_head():
+    """hard_negative_kind=dark_asymmetry (T1): mimics are voxels darker than the mirror channel (a
+    CSF space on one side only), inside the head and away from the lesion; not the head's outline."""
+    from monai.transforms import Compose
+
+    from strokeseg_training.data import Volume
+    from strokeseg_training.sampling import PatchSampler
+
+    img = np.full((2, 32, 64, 64), -3.0, np.float32)  # air
+    img[:, 2:30, 6:58, 6:58] = 1.0  # the head
+    img[1, 2:30, 6:58, 6:10] = -3.0  # its mirror is misaligned at the outline
+    lab = np.zeros((32, 64, 64), np.uint8)
+    lab[10:14, 14:20, 14:20] = 1
+    img[0, 10:14, 14:20, 14:20] = -2.0  # the lesion: asymmetric, never a mimic
+    img[0, 20:24, 40:44, 40:44] = -1.5  # the mimic: a dark space the mirror does not have
+    img[0, 20:24, 20:24, 20:24] = 3.0  # brighter than the mirror: not a T1 mimic
+    s = PatchSampler([Volume("v", img, lab)], (8, 8, 8), 0.0, Compose([]), np.random.default_rng(0),
+                     hard_negative_fraction=1.0, hard_negative_quantile=99.0, hard_negative_kind="dark_asymmetry")
+    (mimics,) = s.mimics
+    assert len(mimics)
+    assert (mimics.min(0) >= (20, 40, 40)).all() and (mimics.max(0) < (24, 44, 44)).all()
+    with pytest.raises(ValueError, match="hard_negative_kind"):
+        PatchSampler([Volume("v", img, lab)], (8, 8, 8), 0.0, Compose([]), np.random.default_rng(0),
+                     hard_negative_fraction=1.0, hard_negative_kind="dark")
+    with pytest.raises(ValueError, match="second channel"):
+        PatchSampler([Volume("v", img[:1], lab)], (8, 8, 8), 0.0, Compose([]), np.random.default_rng(0),
+                     hard_negative_fraction=1.0, hard_negative_kind="dark_asymmetry")
+
+
 def test_fit_does_not_validate_twice_when_the_budget_runs_out_during_a_validation(tmp_path):
     """The paper recipes' loop: a validation that outlasts the budget ends the run there."""
     import time

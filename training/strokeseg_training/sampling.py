@@ -37,6 +37,9 @@ def augmentation(aug: dict[str, Any], n_channels: int, patch_zyx: Sequence[int])
     return Compose(t)
 
 
+MIMIC_KINDS = ("bright", "dark_asymmetry")
+
+
 class PatchSampler:
     """Random patches with a fixed share centred on lesion voxels (balance for small lesions).
 
@@ -45,14 +48,20 @@ class PatchSampler:
     next to them instead of in proportion to their voxel count.
 
     With ``hard_negative_fraction`` > 0 that share of the other patches is centred on a lesion
-    mimic: a voxel of the first channel above its ``hard_negative_quantile`` that is not near the
-    lesion (on DWI: T2 shine-through, susceptibility artefacts, WMH), which random patches rarely
-    hit because mimics are small and uncommon.
+    mimic 3+ voxels from the lesion, which random patches rarely hit because mimics are small and
+    uncommon. ``hard_negative_kind`` says what a mimic is:
+      ``bright``     the first channel above its ``hard_negative_quantile`` (DWI: T2 shine-through,
+                     susceptibility artefacts, WMH);
+      ``dark_asymmetry``  how much darker the first channel is than the second, the registered
+                     mirror image, above that quantile inside the head (T1, where lesions are dark:
+                     CSF spaces made asymmetric by deformation and atrophy; unsigned, half the
+                     mimics were the healthy side facing a lesion, which the mirror makes easy).
     """
 
     def __init__(self, volumes: list[Volume], patch_zyx: Sequence[int], pos_fraction: float,
                  transform: Compose, rng: np.random.Generator, component_fraction: float = 0.0,
-                 hard_negative_fraction: float = 0.0, hard_negative_quantile: float = 99.5):
+                 hard_negative_fraction: float = 0.0, hard_negative_quantile: float = 99.5,
+                 hard_negative_kind: str = "bright"):
         self.volumes = volumes
         self.patch = np.asarray(patch_zyx)
         self.pos_fraction = pos_fraction
@@ -63,18 +72,34 @@ class PatchSampler:
         self.fg = [np.argwhere(v.label > 0) for v in volumes]
         self.components = [self._components(v, fg) for v, fg in zip(volumes, self.fg)] \
             if component_fraction > 0 else []
-        self.mimics = [self._mimics(v, hard_negative_quantile) for v in volumes] if hard_negative_fraction > 0 else []
+        if hard_negative_kind not in MIMIC_KINDS:
+            raise ValueError(f"hard_negative_kind must be one of {', '.join(MIMIC_KINDS)}, got {hard_negative_kind!r}")
+        self.mimics = [self._mimics(v, hard_negative_quantile, hard_negative_kind) for v in volumes] \
+            if hard_negative_fraction > 0 else []
 
     @staticmethod
-    def _mimics(v: Volume, quantile: float) -> np.ndarray:
-        """(n, 3) voxels brighter than ``quantile`` of the first channel, 3+ voxels from the lesion."""
+    def _mimics(v: Volume, quantile: float, kind: str = "bright") -> np.ndarray:
+        """(n, 3) mimic voxels (see the class docstring), 3+ voxels from the lesion."""
         from scipy import ndimage
 
-        first = v.image[0]
-        bright = first > np.percentile(first, quantile)
+        if kind == "dark_asymmetry":
+            if v.image.shape[0] < 2:
+                raise ValueError(f"{v.name}: asymmetry mimics need the mirror image as a second channel")
+            # Dark spaces (ventricles, cavities) are holes in the Otsu mask: fill them slice by
+            # slice (a cut head is open at the top and bottom). The head's outline never matches
+            # its mirror exactly: only what lies 4+ voxels inside it counts.
+            head = np.stack([ndimage.binary_fill_holes(sl) for sl in head_mask(v.image[0])])
+            inside = ndimage.binary_erosion(head, iterations=4)
+            score = np.where(inside, v.image[1].astype(np.float32) - v.image[0], 0.0)
+            candidates = inside
+        else:
+            score, candidates = v.image[0], np.ones(v.label.shape, bool)
+        if not candidates.any():
+            return np.zeros((0, 3), np.int64)
+        mimic = candidates & (score > np.percentile(score[candidates], quantile))
         if v.label.any():
-            bright &= ~ndimage.binary_dilation(v.label > 0, iterations=3)
-        return np.argwhere(bright)
+            mimic &= ~ndimage.binary_dilation(v.label > 0, iterations=3)
+        return np.argwhere(mimic)
 
     @staticmethod
     def _components(v: Volume, fg: np.ndarray) -> list[np.ndarray]:

@@ -116,7 +116,8 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
                            augmentation(tc.get("augment", {}), len(card.required), patch_zyx), rng,
                            component_fraction=float(tc.get("component_fraction", 0.0)),
                            hard_negative_fraction=float(tc.get("hard_negative_fraction", 0.0)),
-                           hard_negative_quantile=float(tc.get("hard_negative_quantile", 99.5)))
+                           hard_negative_quantile=float(tc.get("hard_negative_quantile", 99.5)),
+                           hard_negative_kind=str(tc.get("hard_negative_kind", "bright")))
     net = build_network(card)
     if tc.get("init_weights"):  # fine-tuning starts from an earlier run's weights (safetensors only)
         from safetensors.torch import load_file
