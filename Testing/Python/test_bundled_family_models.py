@@ -59,8 +59,8 @@ BUNDLED = {
         # mrp-unet 1.2.0 gives 0.83, 0.80, 0.77 on these seeds; held-out median 0.81 (19 cases)
         Bundled("mrp-unet", "mrp", _pwi, ("adc", "cbf", "cbv", "mtt", "tmax"), (880011, 880012, 880013), floor=0.75,
                 target=0.70, meets_target=True),
-        # t1-unet 1.3.0 gives 0.69, 0.36, 0.68 on these territorial seeds (1.1.0: 0.66, 0.17, 0.67); held-out
-        # median 0.46 (24 cases, mostly small lesions)
+        # t1-unet 1.4.0 gives 0.68, 0.34, 0.68 on these territorial seeds (1.3.0: 0.69, 0.36, 0.68); held-out
+        # median 0.56 (24 cases, mostly small lesions)
         Bundled("t1-unet", "t1", _t1, ("t1",), (880021, 880022, 880023), floor=0.60, target=0.80, meets_target=False),
     )
 }
