@@ -93,6 +93,14 @@ def plot_curves(log_csv: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def budget_spent_at_validation(validated_step: int, step: int, elapsed_s: float, budget_s: float) -> bool:
+    """True when a loop is about to run ``step`` with its time budget gone and the weights of
+    ``step`` already validated (the budget ran out during that validation, or a resume after it):
+    stop there rather than train one step and validate again, which on a CPU can cost a
+    whole-volume validation for nothing. Every training loop here asks this one question."""
+    return validated_step == step > 0 and elapsed_s > budget_s
+
+
 def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     """Train the config's network; returns the run folder (best weights in best.safetensors)."""
     tc = cfg["train"]
@@ -163,8 +171,8 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     validated = start  # checkpoints are written at validations only
     for step in bar:
         elapsed = _elapsed(t0, world, dev)
-        if validated == step > 0 and elapsed > budget_s:
-            break  # the budget ran out during the last validation (or before a resume): nothing new to validate
+        if budget_spent_at_validation(validated, step, elapsed, budget_s):
+            break
         x, y = sampler.batch(int(tc.get("batch_size", 2)))
         x, y = x.to(dev), y.to(dev)
         lr = set_lr(step, elapsed)
@@ -228,8 +236,8 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
     net.to(device).train()
     bar = tqdm(range(steps), desc=desc, leave=False)
     for step in bar:
-        if validated == step > 0 and time.time() - t0 > budget:
-            break  # the budget ran out during the last validation: do not train a step to validate it again
+        if budget_spent_at_validation(validated, step, time.time() - t0, budget):
+            break
         if schedule is not None:
             schedule(step, max(step / max(steps, 1), (time.time() - t0) / budget))
         x, y = next_batch()

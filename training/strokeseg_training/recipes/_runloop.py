@@ -16,7 +16,7 @@ import torch
 
 from strokeseg.models import save_weights
 
-from ..train import plot_curves
+from ..train import budget_spent_at_validation, plot_curves
 
 
 class RunFolder:
@@ -51,11 +51,8 @@ class RunFolder:
         return start
 
     def budget_spent_at_validation(self, step: int, budget_s: float) -> bool:
-        """True when the loop is about to run ``step`` with the time budget gone and the weights
-        of ``step`` already validated (the budget ran out during that validation, or a resume
-        after it): stop there rather than train one step and validate again, which on a CPU
-        costs a whole-volume validation for nothing."""
-        return self.validated_step == step > 0 and self.elapsed() > budget_s
+        """:func:`~strokeseg_training.train.budget_spent_at_validation` for this run."""
+        return budget_spent_at_validation(self.validated_step, step, self.elapsed(), budget_s)
 
     def elapsed(self) -> float:
         return time.time() - self.t0
