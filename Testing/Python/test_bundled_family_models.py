@@ -34,6 +34,7 @@ class Bundled:
     inputs: tuple[str, ...]  # what a user would give (a subset of the phantom's images)
     seeds: tuple[int, ...]
     floor: float  # median Dice on ``seeds`` must stay at or above (regression floor, measured)
+    floor_no_data: float  # the same without ../shared/data (procedural lesions and territories)
     target: float  # the target for the held-out median Dice
     meets_target: bool  # does the card's held-out median reach it yet?
 
@@ -53,15 +54,18 @@ def _t1(seed, lib):  # territorial: the floor is about chronic infarcts the mode
 BUNDLED = {
     b.model: b
     for b in (
-        # ctp-unet 1.1.0 gives 0.85, 0.82, 0.79 on these seeds; held-out median 0.84 (24 cases)
+        # ctp-unet 1.1.0 gives 0.85, 0.82, 0.79 on these seeds; held-out median 0.84 (24 cases).
+        # Without ../shared/data: 0.85, 0.87, 0.66.
         Bundled("ctp-unet", "ctp", _ctp, ("cbf", "cbv", "mtt", "tmax"), (880001, 880002, 880003), floor=0.75,
-                target=0.70, meets_target=True),
-        # mrp-unet 1.2.0 gives 0.83, 0.80, 0.77 on these seeds; held-out median 0.81 (19 cases)
+                floor_no_data=0.75, target=0.70, meets_target=True),
+        # mrp-unet 1.2.0 gives 0.83, 0.80, 0.77 on these seeds; held-out median 0.81 (19 cases).
+        # Without ../shared/data: 0.73, 0.48, 0.79.
         Bundled("mrp-unet", "mrp", _pwi, ("adc", "cbf", "cbv", "mtt", "tmax"), (880011, 880012, 880013), floor=0.75,
-                target=0.70, meets_target=True),
+                floor_no_data=0.70, target=0.70, meets_target=True),
         # t1-unet 1.4.0 gives 0.68, 0.34, 0.68 on these territorial seeds (1.3.0: 0.69, 0.36, 0.68); held-out
-        # median 0.56 (24 cases, mostly small lesions)
-        Bundled("t1-unet", "t1", _t1, ("t1",), (880021, 880022, 880023), floor=0.60, target=0.80, meets_target=False),
+        # median 0.56 (24 cases, mostly small lesions). Without ../shared/data: 0.73, 0.68, 0.92.
+        Bundled("t1-unet", "t1", _t1, ("t1",), (880021, 880022, 880023), floor=0.60, floor_no_data=0.60,
+                target=0.80, meets_target=False),
     )
 }
 IDS = list(BUNDLED)
@@ -90,7 +94,9 @@ def test_held_out_phantoms_dice_floor(model, lesion_library):
         res = _run(b, case)
         assert res.mask.same_grid(case.lesion)
         dice.append(case_metrics(res.mask.array, case.lesion.array, res.mask.spacing)["dice"])
-    assert np.median(dice) >= b.floor, dice
+    # The floors were measured on the library's lesion shapes and the arterial atlas; a checkout
+    # without ../shared/data draws procedural ones, a different test set with its own floor.
+    assert np.median(dice) >= (b.floor if lesion_library is not None else b.floor_no_data), dice
 
 
 @pytest.mark.parametrize("model", [pytest.param(m, marks=() if BUNDLED[m].meets_target else pytest.mark.xfail(

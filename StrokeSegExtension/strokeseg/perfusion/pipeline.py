@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import Cancelled, InputError
 from ..image import Image, resample_to
 from ..io import staged_outputs, write_image, write_text
-from .aif import select_input_functions
+from .aif import CT_VESSEL_HU, select_input_functions
 from .concentration import DEFAULT_TE_S, bolus_timing, concentration_frame, detect_kind
 from .decision import Thresholds, decide, hemispheres
 from .deconvolution import deconvolve, time_to_peak
@@ -131,7 +131,7 @@ def _curves(arr: np.ndarray, s0: np.ndarray, masks, kind: str, te_s: float, sigm
     vessel[search] = peak_raw > 5.0 * max(tissue_peak, 1e-6)
     tissue &= ~vessel
     if kind == "ct":  # clipped at the top of the scale (the series' own maximum) in 2+ frames
-        saturated = ((arr[:, search] >= float(arr.max())).sum(axis=0) >= 2) & (peak_raw > 50.0)
+        saturated = ((arr[:, search] >= float(arr.max())).sum(axis=0) >= 2) & (peak_raw > CT_VESSEL_HU)
     else:  # signal fallen to ~the noise floor: dR2* no longer measurable
         saturated = (arr[:, search] / np.maximum(s0[search], 1e-6)).min(axis=0) < 0.03
     smooth = raw
