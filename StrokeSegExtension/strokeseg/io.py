@@ -121,6 +121,22 @@ def _nifti_truncation(path: Path) -> str | None:
     return None
 
 
+def _nifti_nonfinite(path: Path, img: sitk.Image) -> int:
+    """NaN/Inf voxels of a floating-point NIfTI. ITK's NIfTI reader (SimpleITK <= 2.5) silently
+    turns them into 0 (fixed only in ITK 6, InsightSoftwareConsortium/ITK#6683), which would make a
+    NaN slice of a DWI or ADC read as real zeros; nibabel reads the stored values."""
+    if sitk.GetPixelIDValueAsString(img.GetPixelID()) not in ("32-bit float", "64-bit float", "vector of 32-bit float",
+                                                              "vector of 64-bit float"):
+        return 0
+    import nibabel  # here only: its import costs ~0.2 s of a cold `segment` on integer files
+
+    try:
+        data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    except (OSError, ValueError, EOFError, nibabel.filebasedimages.ImageFileError):
+        return 0  # nibabel cannot read what ITK could: ITK's reading stands
+    return int(np.count_nonzero(~np.isfinite(data)))
+
+
 def read_image(path: str | Path) -> Image:
     """Read a 3D or 4D image (file or DICOM folder) with its geometry.
 
@@ -141,6 +157,8 @@ def read_image(path: str | Path) -> Image:
                     raise InputError(path, problem)
             img = sitk.ReadImage(str(path))
             meta = {k: img.GetMetaData(k) for k in img.GetMetaDataKeys() if k in ("descrip", "intent_name")}
+            if image_suffix(path) in (".nii", ".nii.gz"):
+                meta["nonfinite_voxels"] = _nifti_nonfinite(path, img)
     except InputError:
         raise
     except RuntimeError as exc:
@@ -173,10 +191,11 @@ def check_volume(image: Image, path: str | Path, *, allow_4d: bool = False) -> N
     sp = np.asarray(image.spacing)
     if not np.all(np.isfinite(sp)) or np.any(sp < 0.05) or np.any(sp > 20.0):
         raise InputError(path, f"absurd voxel spacing {tuple(round(s, 4) for s in image.spacing)} mm")
+    bad = int(image.meta.get("nonfinite_voxels", 0))  # NIfTI: counted in the file (see _nifti_nonfinite)
     if np.issubdtype(arr.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        if bad:
-            raise InputError(path, f"volume contains {bad} NaN/Inf voxels")
+        bad = max(bad, int(np.count_nonzero(~np.isfinite(arr))))
+    if bad:
+        raise InputError(path, f"volume contains {bad} NaN/Inf voxels")
     if not np.any(arr):
         raise InputError(path, "volume is all zero")
     if float(arr.max()) == float(arr.min()):

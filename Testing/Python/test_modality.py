@@ -378,7 +378,9 @@ BAD_INPUTS = [
      "give the b1000 volume as dwi"),
     ("ctp", "ctp.nii.gz", lambda t: head("ncct"), "3D volume where a 4D series is expected"),
     ("dwi", "dwi.nii.gz", lambda t: head("dwi").with_array(np.zeros(SHAPE, np.float32)), "all zero"),
-    # (ITK's NIfTI reader turns NaN/Inf into 0, so NaN can only arrive through NRRD/MHA/DICOM)
+    # ITK's NIfTI reader turns NaN/Inf into 0; the NIfTI's own values are counted (nibabel)
+    ("dwi", "dwi.nii.gz", lambda t: head("dwi").with_array(np.where(_labels() == 5, np.nan, head("dwi").array)), "NaN"),
+    ("adc", "adc.nii", lambda t: head("adc").with_array(np.where(_labels() == 5, -np.inf, head("adc").array)), "NaN/Inf"),
     ("dwi", "dwi.nrrd", lambda t: head("dwi").with_array(np.where(_labels() == 5, np.nan, head("dwi").array)), "NaN"),
     ("dwi", "dwi.mha", lambda t: head("dwi").with_array(np.where(_labels() == 5, np.inf, head("dwi").array)), "NaN/Inf"),
     ("dwi", "dwi.nii.gz", lambda t: Image(head("dwi").array, (0.01, 0.01, 6.0)), "absurd voxel spacing"),

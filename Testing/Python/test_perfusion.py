@@ -475,6 +475,22 @@ def test_missing_and_non_monotonic_times(small_ct, tmp_path):
         load_series(path, dt=1500.0)
 
 
+def test_nan_in_a_nifti_series(small_ct, tmp_path):
+    """ITK reads a NIfTI's NaN voxels as 0: the series must still be refused, not deconvolved."""
+    import nibabel as nib
+
+    series = small_ct.images["ctp"]
+    arr = np.transpose(series.array, (3, 2, 1, 0)).astype(np.float32)
+    arr[10:20, 10:20, 3, 12] = np.nan
+    img = nib.Nifti1Image(arr, np.diag([*series.spacing, 1.0]))
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][4] = 1.5
+    path = tmp_path / "ctp.nii.gz"
+    nib.save(img, str(path))
+    with pytest.raises(InputError, match="ctp.nii.gz: series contains NaN/Inf voxels"):
+        load_series(path)
+
+
 def test_no_bolus_and_saturation(small_ct, lesion_library):
     series = small_ct.images["ctp"]
     rng = np.random.default_rng(5)

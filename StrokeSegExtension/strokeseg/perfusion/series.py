@@ -134,7 +134,9 @@ def validate_series(series: Image, where: str | Path | None = None, *, min_frame
     if steps.min() < lo or steps.max() > hi:
         raise InputError(where, f"implausible frame interval {steps.min():.3g}-{steps.max():.3g} s "
                                 f"(expected {lo}-{hi} s; are the times in ms? give --dt)")
-    if np.issubdtype(series.array.dtype, np.floating) and not np.all(np.isfinite(series.array)):
+    # NIfTI: ITK reads NaN/Inf as 0, so read_image counted them in the file itself.
+    if series.meta.get("nonfinite_voxels") or (np.issubdtype(series.array.dtype, np.floating)
+                                               and not np.all(np.isfinite(series.array))):
         raise InputError(where, "series contains NaN/Inf voxels")
     return t
 
