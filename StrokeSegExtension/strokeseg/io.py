@@ -7,6 +7,7 @@ is ever left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -277,14 +278,34 @@ def write_text(text: str, path: str | Path) -> Path:
     return write_bytes(text.encode("utf-8"), path)
 
 
+def check_overwrite(out_dir: str | Path, names: Sequence[str]) -> None:
+    """Outputs may replace StrokeSeg's own earlier outputs (a folder whose report.json carries
+    ``engine_version``), never someone's files: ``--out`` pointed at a case folder would
+    otherwise replace its ``lesion.nii.gz`` (a reference or hand-edited mask) or its maps."""
+    out_dir = Path(out_dir)
+    existing = [n for n in names if (out_dir / n).exists()]
+    if not existing:
+        return
+    try:
+        report = json.loads((out_dir / "report.json").read_text())
+        ours = isinstance(report, dict) and "engine_version" in report
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise OutputError(f"{out_dir / existing[0]}: exists and is not a StrokeSeg output (a mask or map of yours?); "
+                          "choose another --out folder")
+
+
 @contextmanager
 def staged_outputs(out_dir: str | Path, names: Sequence[str]) -> Iterator[Path]:
     """Write a result's files into a temporary sibling folder, then move them into ``out_dir``.
 
     All files appear or none: on any error (or Ctrl-C) nothing is moved and the stage is
     removed. ``names`` are moved in order, so the last one (a report) marks completion.
+    Files that StrokeSeg did not write are never replaced (:func:`check_overwrite`).
     """
     out_dir = Path(out_dir)
+    check_overwrite(out_dir, names)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

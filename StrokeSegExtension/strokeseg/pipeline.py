@@ -21,7 +21,7 @@ from . import __version__
 from .errors import InputError
 from .image import Image
 from .inference import predict, resolve_device
-from .io import staged_outputs, write_image, write_text
+from .io import check_overwrite, staged_outputs, write_image, write_text
 from .modality import find_case_inputs, load_inputs, require_inputs
 from .models import ModelCard, choose_model, get_card, load_model
 from .postprocess import PostprocessSettings, postprocess
@@ -173,6 +173,7 @@ def segment_case(
 ) -> SegmentationResult:
     """Case folder (or explicit key -> file map) in, DESIGN.md outputs written to ``out_dir``."""
     t0 = time.perf_counter()
+    check_overwrite(out_dir, OUTPUT_FILES)  # before the work, not after it
     files = dict(files) if files else find_case_inputs(case_dir)
     images = load_inputs(files, overrides=overrides)
     load_s = time.perf_counter() - t0

@@ -546,6 +546,19 @@ def test_cli_bad_input_leaves_no_output(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_to_replace_maps_it_did_not_write(small_ct, tmp_path):
+    """A folder holding someone's maps (here a phantom case: cbf.nii.gz, core.nii.gz, ...) is
+    refused as --out before the pipeline runs, and keeps its files."""
+    folder = tmp_path / "case"
+    write_image(small_ct.images["ctp"], folder / "ctp.nii.gz")
+    (folder / "cbf.nii.gz").write_bytes(b"someone's map")
+    args = _perfusion_parser().parse_args(["perfusion", str(folder / "ctp.nii.gz"), "--out", str(folder), "-q"])
+    with pytest.raises(OutputError, match="cbf.nii.gz: exists and is not a StrokeSeg output"):
+        args.func(args)
+    assert (folder / "cbf.nii.gz").read_bytes() == b"someone's map"
+    assert sorted(p.name for p in folder.iterdir()) == ["cbf.nii.gz", "ctp.nii.gz"]
+
+
 def test_cli_core_median_option_reaches_the_engine(small_ct, tmp_path):
     parser = _perfusion_parser()
     series = tmp_path / "ctp.nii.gz"

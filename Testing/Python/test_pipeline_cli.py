@@ -24,7 +24,7 @@ from strokeseg.cli import main
 from strokeseg.image import Image
 from strokeseg.io import read_image, write_image
 from strokeseg.phantom import simulate_dwi, write_case
-from strokeseg.pipeline import segment_case, segment_images
+from strokeseg.pipeline import OUTPUT_FILES, segment_case, segment_images
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +212,23 @@ def test_cli_missing_case_folder_and_unwritable_output(tmp_path, case_dir, model
     code, _, err = run_cli("segment", str(case_dir), "--out", str(blocker / "out"), "--device", "cpu",
                            "--models-dir", str(models_dir))
     assert code == 2 and "file" in err and "Traceback" not in err
+
+
+def test_cli_never_replaces_files_it_did_not_write(tmp_path, case_dir, models_dir):
+    """--out pointed at the case folder would replace its lesion.nii.gz (a reference or a
+    hand-edited mask): refused before any work; StrokeSeg's own earlier outputs are replaced."""
+    case = tmp_path / "case"
+    shutil.copytree(case_dir, case)
+    mask_bytes = (case / "lesion.nii.gz").read_bytes()
+    code, _, err = run_cli("segment", str(case), "--out", str(case), "--device", "cpu", "--models-dir", str(models_dir))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "lesion.nii.gz: exists and is not a StrokeSeg output" in err
+    assert (case / "lesion.nii.gz").read_bytes() == mask_bytes and not (case / "report.json").exists()
+    out = tmp_path / "out"
+    for _ in range(2):  # a re-run replaces its own outputs
+        code, _, err = run_cli("segment", str(case), "--out", str(out), "--device", "cpu", "--models-dir", str(models_dir))
+        assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
 
 
 def _corrupt_model_dir(src: Path, dst: Path, how: str) -> Path:

@@ -70,11 +70,12 @@ def add_perfusion_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 def cmd_perfusion(args: argparse.Namespace) -> int:
     """Run the pipeline on one series and write its outputs; prints the decision summary."""
-    from ..io import read_image
+    from ..io import check_overwrite, read_image
     from .decision import Thresholds
-    from .pipeline import PerfusionSettings, run_perfusion, write_perfusion
+    from .pipeline import OUTPUT_FILES, PerfusionSettings, run_perfusion, write_perfusion
     from .series import load_series
 
+    check_overwrite(args.out, OUTPUT_FILES)  # before the work, not after it
     series = load_series(args.series, times=args.times, dt=args.dt)
     adc = read_image(args.adc) if args.adc else None
     mask = read_image(args.aif_mask) if args.aif_mask else None
