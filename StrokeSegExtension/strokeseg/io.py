@@ -61,6 +61,32 @@ def strip_suffix(path: str | Path) -> str:
     return name[: len(name) - len(suf)] if suf else name
 
 
+def _slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image, n: int) -> str | None:
+    """ITK stacks a series whose slices are unevenly spaced (a missing file, two volumes in one
+    series) with one averaged spacing and only a console warning, which moves part of the volume
+    by millimetres; the slice positions along the normal must step evenly instead."""
+    if n < 3:
+        return None
+    try:
+        pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+    except (RuntimeError, ValueError):  # no ImagePositionPatient (secondary capture): nothing to check
+        return None
+    if pos.shape != (n, 3):
+        return None
+    normal = np.asarray(img.GetDirection()).reshape(3, 3)[:, 2]
+    along = pos @ normal
+    steps = np.diff(along)
+    step = float(np.median(steps))
+    if np.unique(np.round(along, 2)).size < n:
+        return (f"{n} images but repeated slice positions: several volumes in one series (b-values, echoes or "
+                "time points?); export one volume per folder")
+    k = int(np.argmax(np.abs(steps - step)))
+    if abs(steps[k] - step) > max(0.1 * abs(step), 0.05):
+        return (f"slices are not evenly spaced (step {abs(step):.2f} mm, but {abs(steps[k]):.2f} mm after slice "
+                f"{k + 1} of {n}): a missing slice?")
+    return None
+
+
 def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict[str, Any]]:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
@@ -73,6 +99,9 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict[str, Any]]:
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
     img = reader.Execute()
+    problem = _slice_spacing_problem(reader, img, len(files))
+    if problem:
+        raise InputError(folder, problem)
     meta: dict[str, Any] = {"dicom_files": [str(f) for f in files]}
     for tag, key in _DICOM_TAGS.items():
         if reader.HasMetaDataKey(0, tag):

@@ -234,6 +234,30 @@ def test_dicom_folder_problems(tmp_path):
     assert "notdicom" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_dicom_series_with_uneven_slices_is_refused(tmp_path):
+    """ITK would stack a series with a missing file at one averaged spacing (5.5 -> 6.19 mm,
+    half the volume moved by up to 4.8 mm) or interleave two volumes, with only a console warning."""
+    img = _image(DIRECTIONS["oblique"], shape=(10, 8, 8), dtype=np.int16)
+    gap = tmp_path / "gap"
+    write_dicom_series(img, gap, {"0008|0060": "MR"}, uid_root="1.2.826.0.1.3680043.8.498.21")
+    assert io.read_image(gap).same_grid(img)  # complete: reads back on its own grid
+    (gap / "IM0005.dcm").unlink()
+    with pytest.raises(InputError, match=r"gap: slices are not evenly spaced \(step 5.50 mm, but 11.00 mm after slice 5 of 9\)"):
+        io.read_image(gap)
+    twice = tmp_path / "twice"
+    write_dicom_series(img, twice, {"0008|0060": "MR"}, uid_root="1.2.826.0.1.3680043.8.498.22")
+    for k, f in enumerate(sorted(twice.iterdir())):  # a second volume (another b-value) at the same positions
+        ds = sitk.ReadImage(str(f))
+        ds.SetMetaData("0020|0013", str(100 + k))
+        ds.SetMetaData("0008|0018", ds.GetMetaData("0008|0018") + ".9")
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(twice / f"B{k:04d}.dcm"))
+        writer.Execute(ds)
+    with pytest.raises(InputError, match="repeated slice positions: several volumes in one series"):
+        io.read_image(twice)
+
+
 # -- reading problems ----------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
 def test_truncated_nifti_is_refused(tmp_path, suffix):
