@@ -167,6 +167,32 @@ def _nifti_nonfinite(path: Path, img: sitk.Image) -> int:
     return int(np.count_nonzero(~np.isfinite(data)))
 
 
+def _nifti_sform_disagrees(img: sitk.Image, tolerance_mm: float = 1.0) -> str | None:
+    """A NIfTI carries two placements, qform and sform. ITK (and so Slicer) may take the qform
+    where FSL, nibabel and most Python tools take the sform; where both are set and place the
+    volume differently, a mask made with one tool lands elsewhere in the other, so the file is
+    refused rather than read one way silently."""
+    try:
+        if int(img.GetMetaData("sform_code")) <= 0:
+            return None
+        srow = np.array([[float(v) for v in img.GetMetaData(f"srow_{a}").split()] for a in "xyz"])
+    except (RuntimeError, ValueError):
+        return None
+    if srow.shape != (3, 4):
+        return None
+    dim = img.GetDimension()
+    size = np.array(img.GetSize()[:3], float) - 1.0
+    corners = np.array([[i, j, k] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])])
+    direction = np.asarray(img.GetDirection()).reshape(dim, dim)[:3, :3]
+    itk_lps = np.asarray(img.GetOrigin()[:3]) + corners * np.asarray(img.GetSpacing()[:3]) @ direction.T
+    sform_lps = (corners @ srow[:, :3].T + srow[:, 3]) * np.array([-1.0, -1.0, 1.0])  # RAS -> LPS
+    off = float(np.max(np.linalg.norm(itk_lps - sform_lps, axis=1)))
+    if off > tolerance_mm:
+        return (f"its qform and sform place the volume {off:.1f} mm apart (ITK/Slicer read one, FSL/nibabel the "
+                "other); fix the header so that they agree")
+    return None
+
+
 def read_image(path: str | Path) -> Image:
     """Read a 3D or 4D image (file or DICOM folder) with its geometry.
 
@@ -189,6 +215,9 @@ def read_image(path: str | Path) -> Image:
             meta = {k: img.GetMetaData(k) for k in img.GetMetaDataKeys() if k in ("descrip", "intent_name")}
             if image_suffix(path) in (".nii", ".nii.gz"):
                 meta["nonfinite_voxels"] = _nifti_nonfinite(path, img)
+                problem = _nifti_sform_disagrees(img)
+                if problem:
+                    raise InputError(path, problem)
     except InputError:
         raise
     except RuntimeError as exc:

@@ -247,6 +247,21 @@ def _sample(arr: np.ndarray) -> np.ndarray:
 _ADC_UNITS = ((1.0, "1e-6 mm²/s"), (1e-3, "1e-3 mm²/s"), (1e-6, "mm²/s"), (0.1, "1e-5 mm²/s"))
 
 
+def adc_unit(image: Image) -> tuple[float, str] | None:
+    """(scale relative to 1e-6 mm²/s, name) of the unit an ADC map's values fit, or None when
+    none fits clearly (the map is then taken as given)."""
+    a = _sample(image.array)
+    pos = a[a > 0]
+    if pos.size < 500:
+        return None
+    fg = pos[pos > 0.1 * np.percentile(pos, 99.5)]
+    if fg.size < 500:
+        return None
+    m, p99 = float(np.median(fg)), float(np.percentile(fg, 99))
+    fits = [(u, name) for u, name in _ADC_UNITS if 300 * u <= m <= 1500 * u and 2000 * u <= p99 <= 4500 * u]
+    return fits[0] if len(fits) == 1 else None
+
+
 def _look(image: Image) -> _Look:
     a = _sample(image.array)
     unknown = _Look(Detection(None, 0.0, "intensities: too few voxels to judge"), "unknown", 0.0, frozenset())
@@ -447,6 +462,18 @@ def _check_content(key: str, path: Path, image: Image) -> None:
     if key in look.conflicts and look.strength >= STRONG:
         why = look.detection.reason.removeprefix("intensities: ")
         raise InputError(path, f"given as {key} but looks like {look.label} ({why})")
+
+
+def adc_in_standard_units(image: Image) -> Image:
+    """ADC maps come in 1e-6, 1e-5 or 1e-3 mm²/s or plain mm²/s (FSL, MRtrix); models and the MR
+    core threshold expect 1e-6 mm²/s, and an ADC in mm²/s fed as is reads as zero everywhere
+    (a DWI model then finds nothing, silently). Rescaled when the values clearly fit one unit."""
+    unit = adc_unit(image)
+    if unit is None or unit[0] == 1.0:
+        return image
+    scaled = image.with_array((image.array.astype(np.float64) / unit[0]).astype(np.float32))
+    scaled.meta["adc_rescaled_from"] = unit[1]
+    return scaled
 
 
 def load_inputs(files: dict[str, Path | str], *, overrides: dict[str, str] | None = None) -> dict[str, Image]:

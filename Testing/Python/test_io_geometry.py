@@ -259,6 +259,34 @@ def test_dicom_series_with_uneven_slices_is_refused(tmp_path):
 
 
 # -- reading problems ----------------------------------------------------------------------
+def test_nifti_whose_qform_and_sform_disagree_is_refused(tmp_path):
+    """ITK reads the qform of this file, nibabel (and FSL) its sform, 10 mm away: ambiguous."""
+    import nibabel as nib
+
+    data = np.arange(10 * 12 * 8, dtype=np.float32).reshape(10, 12, 8)
+    q = np.diag([1.0, 1.0, 2.0, 1.0])
+    q[:3, 3] = [-5.0, -6.0, -8.0]
+    agree = nib.Nifti1Image(data, None)
+    agree.set_qform(q, code=1)
+    agree.set_sform(q, code=2)
+    nib.save(agree, str(tmp_path / "agree.nii.gz"))
+    img = io.read_image(tmp_path / "agree.nii.gz")
+    assert np.allclose(img.origin, (5.0, 6.0, -8.0))  # RAS (-5, -6, -8) in LPS
+    shifted = q.copy()
+    shifted[0, 3] += 10.0
+    both = nib.Nifti1Image(data, None)
+    both.set_qform(q, code=1)
+    both.set_sform(shifted, code=2)
+    nib.save(both, str(tmp_path / "both.nii.gz"))
+    with pytest.raises(InputError, match=r"both.nii.gz: its qform and sform place the volume 10.0 mm apart"):
+        io.read_image(tmp_path / "both.nii.gz")
+    only_qform = nib.Nifti1Image(data, None)
+    only_qform.set_qform(q, code=1)
+    only_qform.set_sform(shifted, code=0)  # sform not in use: the qform is the only placement
+    nib.save(only_qform, str(tmp_path / "qform.nii.gz"))
+    assert io.read_image(tmp_path / "qform.nii.gz").same_grid(img)
+
+
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
 def test_truncated_nifti_is_refused(tmp_path, suffix):
     """ITK reads a truncated NIfTI silently (garbage voxels); read_image must not."""

@@ -99,6 +99,19 @@ def test_adc_is_computed_from_b0_when_missing(phantom, tmp_path, models_dir):
     assert np.median(np.abs(adc[brain] - ref[brain])) < 30
 
 
+def test_adc_in_other_units_gives_the_same_result(phantom, models_dir):
+    """FSL/MRtrix write ADC in mm²/s, some scanners in 1e-3 or 1e-5 mm²/s: as is, a model fed
+    1e-6 mm²/s reads them as zero everywhere (Dice 0.001 measured before the fix)."""
+    base = segment_images({"dwi": phantom.images["dwi"], "adc": phantom.images["adc"]}, device="cpu", models_dir=models_dir)
+    assert "inputs_rescaled" not in base.report
+    for scale, unit in ((1e-6, "mm²/s"), (1e-3, "1e-3 mm²/s"), (0.1, "1e-5 mm²/s")):
+        adc = phantom.images["adc"]
+        other = adc.with_array(adc.array.astype(np.float64) * scale)
+        res = segment_images({"dwi": phantom.images["dwi"], "adc": other}, device="cpu", models_dir=models_dir)
+        assert res.report["inputs_rescaled"] == {"adc": f"{unit} -> 1e-6 mm²/s"}
+        assert np.abs(res.probability.array - base.probability.array).max() < 1e-3
+
+
 def _reoriented(img: Image, flip: tuple[bool, bool, bool], perm: tuple[int, int, int]) -> Image:
     """The same physical image stored with other axis order/directions (SimpleITK does the bookkeeping)."""
     s = sitk.PermuteAxes(sitk.Flip(img.to_sitk(), list(flip)), list(perm))

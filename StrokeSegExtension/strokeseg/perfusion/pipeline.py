@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import Cancelled, InputError
 from ..image import Image, resample_to
 from ..io import staged_outputs, write_image, write_text
+from ..modality import adc_in_standard_units
 from .aif import CT_VESSEL_HU, select_input_functions
 from .concentration import DEFAULT_TE_S, bolus_timing, concentration_frame, detect_kind
 from .decision import Thresholds, decide, hemispheres
@@ -86,13 +87,14 @@ def _adc_on_grid(adc: Image, grid: Image) -> np.ndarray:
     where = adc.meta.get("source")
     if adc.is_4d:
         raise InputError(where, "ADC is a 4D series; a 3D map is expected")
+    adc = adc_in_standard_units(adc)  # 1e-3 / 1e-5 / 1 mm^2/s -> 1e-6 mm^2/s where the values clearly fit one unit
     arr = adc.array.astype(np.float32)
     vals = arr[np.isfinite(arr) & (arr > 0)]
     if vals.size == 0:
         raise InputError(where, "ADC map has no positive values")
     med = float(np.median(vals))
     if med < 0.05:
-        arr = arr * 1e6  # mm^2/s
+        arr = arr * 1e6  # mm^2/s (a map without CSF, which adc_unit needs to be sure)
     elif not 100.0 <= med <= 5000.0:
         raise InputError(where, f"ADC values (median {med:.3g}) are neither mm^2/s nor 10^-6 mm^2/s")
     src = adc.with_array(arr)
