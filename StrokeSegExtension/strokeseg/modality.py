@@ -472,8 +472,41 @@ def adc_in_standard_units(image: Image) -> Image:
     if unit is None or unit[0] == 1.0:
         return image
     scaled = image.with_array((image.array.astype(np.float64) / unit[0]).astype(np.float32))
-    scaled.meta["adc_rescaled_from"] = unit[1]
+    scaled.meta["rescaled_from"] = unit[1]
     return scaled
+
+
+# Time maps: the median over the brain in seconds stays below these (MTT ~3-12 s, Tmax ~0-10 s,
+# TTP from the series start ~10-40 s); in milliseconds it is above 300. Between: neither.
+_TIME_MAP_MAX_MEDIAN_S = {"mtt": 30.0, "tmax": 30.0, "ttp": 80.0}
+
+
+def time_map_in_seconds(key: str, image: Image) -> Image:
+    """MTT, Tmax and TTP maps exported in milliseconds (some vendors) are rescaled to seconds, which
+    models and decision thresholds expect; as is, every voxel would read as > 30 s (a CTP model's
+    Dice fell from 0.80 to 0.19, silently). A median between the two ranges is refused."""
+    a = _sample(image.array)
+    pos = a[a > 0]
+    if pos.size < 100:
+        return image
+    med = float(np.median(pos))
+    if med <= _TIME_MAP_MAX_MEDIAN_S[key]:
+        return image
+    if med < 300.0:
+        raise InputError(image.meta.get("source"), f"{key} values (median {med:.4g}) are neither seconds nor milliseconds")
+    scaled = image.with_array((image.array.astype(np.float64) / 1000.0).astype(np.float32))
+    scaled.meta["rescaled_from"] = "ms"
+    return scaled
+
+
+def in_standard_units(key: str, image: Image) -> Image:
+    """ADC in 1e-6 mm²/s and time maps in seconds, as models and thresholds expect (see the two
+    functions above); other inputs unchanged. ``meta["rescaled_from"]`` says what was converted."""
+    if key == "adc":
+        return adc_in_standard_units(image)
+    if key in _TIME_MAP_MAX_MEDIAN_S:
+        return time_map_in_seconds(key, image)
+    return image
 
 
 def load_inputs(files: dict[str, Path | str], *, overrides: dict[str, str] | None = None) -> dict[str, Image]:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from engine_fixtures import assert_bundled_card
+from strokeseg.errors import InputError
 from strokeseg.metrics import case_metrics
 from strokeseg.models import MODELS_DIR, choose_model, get_card
 from strokeseg.phantom import simulate_structural
@@ -116,3 +117,21 @@ def test_ctp_model_runs_from_the_raw_series_alone(lesion_library):
     assert from_series.mask.same_grid(from_maps.mask)
     assert np.abs(from_series.probability.array - from_maps.probability.array).max() < 1e-3
     assert choose_model(["ctp"]).id == "ctp-unet"
+
+
+def test_time_maps_in_milliseconds_give_the_same_result(lesion_library):
+    """MTT and Tmax exported in ms (some vendors) are read as seconds; before, every voxel read as
+    > 30 s and the CTP model's Dice against its own seconds result fell to 0.19."""
+    b = BUNDLED["ctp-unet"]
+    case = b.simulate(b.seeds[0], lesion_library)
+    base = _run(b, case)
+    images = {k: case.images[k] for k in b.inputs}
+    for key in ("mtt", "tmax"):
+        images[key] = images[key].with_array(images[key].array.astype(np.float32) * 1000.0)
+    res = segment_images(images, model=b.model, device="cpu")
+    assert res.report["inputs_rescaled"] == {"mtt": "ms -> s", "tmax": "ms -> s"}
+    assert np.abs(res.probability.array - base.probability.array).max() < 1e-3
+    ambiguous = dict(images, tmax=images["tmax"].with_array(images["tmax"].array / 50.0))  # 20x seconds: neither
+    with pytest.raises(InputError, match="tmax values .* are neither seconds nor milliseconds"):
+        segment_images(ambiguous, model=b.model, device="cpu")
+
