@@ -81,6 +81,29 @@ def _networks(card: ModelCard, device: str) -> list:
         return _MODEL_CACHE[key]
 
 
+MIN_COVERAGE_MM = 20.0
+SLAB_FAMILIES = ("ctp", "mrp")  # perfusion is acquired in slabs: ISLES 2018 has cases of 2 slices
+
+
+def _check_coverage(images: Mapping[str, Image], family: str) -> None:
+    """The models read anatomy around a lesion: one or two DWI slices (a 2D screenshot turned into
+    a volume) gave ~100x the lesion of the full volume on those slices. Every input must span
+    MIN_COVERAGE_MM along each axis; perfusion slabs need that in-plane and 2 slices through."""
+    for key, im in images.items():
+        extent = np.asarray(im.size, float) * np.asarray(im.spacing, float)
+        thin = int(np.argmin(extent))
+        if family in SLAB_FAMILIES and im.size[thin] >= 2:
+            extent[thin] = np.inf
+        if extent.min() < MIN_COVERAGE_MM:
+            axis = int(np.argmin(extent))
+            n = im.size[axis]
+            raise InputError(im.meta.get("source") or key,
+                             f"covers only {extent[axis]:.1f} mm along its {'xyz'[axis]} axis ({n} voxel"
+                             f"{'' if n == 1 else 's'}); the {family.upper()} model needs at least "
+                             f"{MIN_COVERAGE_MM:g} mm in every direction"
+                             + (" (2 slices through a slab)" if family in SLAB_FAMILIES else ""))
+
+
 def segment_images(
     images: Mapping[str, Image],
     *,
@@ -105,6 +128,7 @@ def segment_images(
 
     report_progress(0.0, "preparing inputs")
     images = {k: in_standard_units(k, im) for k, im in images.items()}
+    _check_coverage(images, card.family)
     prepared = prepare(images, card, b_value=b_value)
     timings["preprocess_s"] = time.perf_counter() - t0
 

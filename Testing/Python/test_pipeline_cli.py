@@ -199,11 +199,29 @@ def _bad_case(tmp_path: Path, phantom, problem: str) -> tuple[Path, str]:
         return case, "adc.nii.gz"
     if problem == "missing":
         return case, "adc"
+    if problem == "one-slice":  # a single slice: a 3D model would invent lesions (~100x the volume's)
+        write_image(Image(adc.array[3:4], adc.spacing, adc.origin, adc.direction), case / "adc.nii.gz")
+        return case, "adc.nii.gz: covers only"
     raise AssertionError(problem)
 
 
+@pytest.mark.parametrize("family, slices, refused", [("dwi", 1, True), ("dwi", 2, True), ("dwi", 5, False),
+                                                     ("ctp", 1, True), ("ctp", 2, False), ("mrp", 2, False)])
+def test_coverage_rule_thin_volumes(family, slices, refused):
+    """A 5 mm slice or two is too little anatomy for the DWI/T1 models; perfusion slabs of 2 slices
+    (ISLES 2018 has them) are accepted, a single perfusion slice is not."""
+    from strokeseg.errors import InputError
+    from strokeseg.pipeline import _check_coverage
+    im = Image(np.zeros((slices, 64, 64), np.float32), (2.0, 2.0, 5.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    if refused:
+        with pytest.raises(InputError, match="covers only"):
+            _check_coverage({"cbf": im}, family)
+    else:
+        _check_coverage({"cbf": im}, family)
+
+
 @pytest.mark.parametrize("problem", ["corrupt", "not-image", "4d", "zero", "nan", "wrong-modality", "far-away",
-                                     "spacing", "missing"])
+                                     "spacing", "missing", "one-slice"])
 def test_cli_bad_input_one_line_exit_2_no_output(problem, phantom, tmp_path, models_dir):
     case, word = _bad_case(tmp_path, phantom, problem)
     out = tmp_path / "out"
