@@ -79,6 +79,51 @@ def test_config_overrides_parse_json():
     assert cfg["train"]["steps"] == 7 and cfg["card"]["patch_size"] == [8, 8, 8] and cfg["data"]["note"] == "plain text"
 
 
+def _bad_training_call(tmp_path: Path, problem: str) -> tuple[list[str], str]:
+    """A strokeseg-train call that must fail up front, and a word its error line must hold."""
+    cfg = json.loads(CONFIG.read_text(encoding="utf-8"))
+    path = tmp_path / "cfg.json"
+    base = ["train", "--config", str(path), "--set", f"run_dir={tmp_path / 'run'}"]
+    if problem == "missing-file":
+        return ["train", "--config", str(tmp_path / "nope.json")], "nope.json: no such config file"
+    if problem == "broken-json":
+        path.write_text(CONFIG.read_text(encoding="utf-8")[:300], encoding="utf-8")
+        return base, "cfg.json: is not valid JSON"
+    if problem == "binary":
+        path.write_bytes(bytes(range(256)))
+        return base, "cfg.json: is not a text"
+    if problem == "missing-section":
+        del cfg["train"]
+    elif problem == "unknown-recipe":
+        cfg["recipe"] = "paper999"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    if problem == "set-wrong-type":
+        return base + ["--set", "train.steps=abc"], "train.steps holds a number"
+    if problem == "set-no-equals":
+        return base + ["--set", "train.steps"], "expected KEY=VALUE"
+    if problem == "set-into-value":
+        return base + ["--set", "train.steps.x=1"], "train.steps is not a section"
+    if problem == "tune-before-train":
+        return ["tune", *base[1:]], "best.safetensors: not found: run `strokeseg-train train`"
+    return base, {"missing-section": "lacks train", "unknown-recipe": "unknown recipe 'paper999'"}[problem]
+
+
+@pytest.mark.parametrize("problem", ["missing-file", "broken-json", "binary", "missing-section", "unknown-recipe",
+                                     "set-wrong-type", "set-no-equals", "set-into-value", "tune-before-train"])
+def test_training_cli_bad_input_is_one_line_exit_2(problem, tmp_path, capsys):
+    args, word = _bad_training_call(tmp_path, problem)
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("strokeseg-train: error: ") and word in err and "\n" not in err, err
+    assert not (tmp_path / "run" / "log.csv").exists()
+
+
+def test_overrides_keep_their_type_but_numbers_may_become_per_axis_lists():
+    cfg = load_config(CONFIG, ["card.inference.overlap=[0.5,0.5,0.25]", "data.lesion_library=null", "train.lr=1e-3"])
+    assert cfg["card"]["inference"]["overlap"] == [0.5, 0.5, 0.25] and cfg["data"]["lesion_library"] is None
+    assert cfg["train"]["lr"] == 0.001
+
+
 def test_perfusion_phantoms_the_engine_refuses_are_skipped_once_with_the_reason(tmp_path, monkeypatch):
     """A phantom series the perfusion pipeline refuses (here: too few frames) is no training case:
     no npz, no case folder, a marker with the engine's reason, and no second simulation."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from strokeseg.errors import InputError, StrokeSegError
 from strokeseg.models import build_network
 from strokeseg.postprocess import PostprocessSettings
 
@@ -47,14 +48,26 @@ def _weights(cfg: dict, out: Path) -> Path:
     the in-training validation Dice is too coarse to rank checkpoints)."""
     which = cfg.get("checkpoint", "best")
     if which not in ("best", "last"):
-        raise ValueError(f"checkpoint must be 'best' or 'last', not {which!r}")
-    return out / f"{which}.safetensors"
+        raise InputError(cfg["_config_path"], f"checkpoint must be 'best' or 'last', not {which!r}")
+    return _need(out / f"{which}.safetensors", "train")
+
+
+def _need(path: Path, step: str) -> Path:
+    """An earlier step's output, or a one-line error saying which step makes it."""
+    if not path.is_file():
+        raise InputError(path, f"not found: run `strokeseg-train {step}` with this config first")
+    return path
+
+
+def _read_json(path: Path, step: str) -> dict:
+    return json.loads(_need(path, step).read_text(encoding="utf-8"))
 
 
 def do_tune(cfg: dict) -> dict:
     out = run_dir(cfg)
     card = card_of(cfg)
-    probs = case_probabilities(_cases(cfg, "val"), [_net(cfg, _weights(cfg, out))], card)
+    net = _net(cfg, _weights(cfg, out))  # before generating cases: a missing checkpoint fails at once
+    probs = case_probabilities(_cases(cfg, "val"), [net], card)
     best, table = tune(probs, cfg["tune"]["grid"], cfg["tune"].get("objective", "dice+f1"))
     res = {"threshold": best.threshold, "closing_mm": best.closing_mm, "min_lesion_ml": best.min_lesion_ml}
     (out / "tuning.json").write_text(json.dumps({"best": res, "table": table}, indent=2))
@@ -66,8 +79,9 @@ def do_tune(cfg: dict) -> dict:
 
 def do_evaluate(cfg: dict, settings: dict | None = None) -> dict:
     out = run_dir(cfg)
-    settings = settings or json.loads((out / "tuning.json").read_text(encoding="utf-8"))["best"]
-    probs = case_probabilities(_cases(cfg, "test"), [_net(cfg, _weights(cfg, out))], card_of(cfg))
+    settings = settings or _read_json(out / "tuning.json", "tune")["best"]
+    net = _net(cfg, _weights(cfg, out))
+    probs = case_probabilities(_cases(cfg, "test"), [net], card_of(cfg))
     rows = score(probs, PostprocessSettings(**settings))
     summary = summarise(rows, out / "test", f"{cfg['name']} held-out phantoms")
     m = summary["metrics"] if "metrics" in summary else summary
@@ -77,9 +91,9 @@ def do_evaluate(cfg: dict, settings: dict | None = None) -> dict:
 
 def do_export(cfg: dict, command: str) -> Path:
     out = run_dir(cfg)
-    tuned = json.loads((out / "tuning.json").read_text(encoding="utf-8"))["best"]
-    test = json.loads((out / "test" / "summary.json").read_text(encoding="utf-8"))
-    tsum = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+    tuned = _read_json(out / "tuning.json", "tune")["best"]
+    test = _read_json(out / "test" / "summary.json", "evaluate")
+    tsum = _read_json(out / "train_summary.json", "train")
     metrics = test.get("metrics", test)
     flat = {}
     for k in ("dice", "lesion_f1", "abs_volume_diff_ml", "hd95_mm", "abs_lesion_count_diff", "ppv", "tpr"):
@@ -112,6 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config entry, e.g. train.steps=100")
     p.add_argument("--no-resume", action="store_true")
     args = p.parse_args(argv)
+    try:
+        return _run(args, argv)
+    except StrokeSegError as exc:
+        print(f"strokeseg-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("strokeseg-train: interrupted; the same command resumes from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     cfg = load_config(args.config, args.set)
     command = "strokeseg-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     t0 = time.time()
@@ -131,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         do_export(cfg, command)
     print(f"{args.command} finished in {time.time() - t0:.0f} s")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

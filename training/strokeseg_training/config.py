@@ -8,28 +8,91 @@ import json
 from pathlib import Path
 from typing import Any
 
+from strokeseg.errors import InputError
 from strokeseg.models import ModelCard
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUNS = REPO_ROOT / "runs"
 
 
+REQUIRED_SECTIONS = ("name", "card", "data", "train", "tune")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a config and apply ``section.key=value`` overrides (values parsed as JSON when possible)."""
-    cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a config and apply ``section.key=value`` overrides (values parsed as JSON when possible).
+
+    A missing or malformed file, an unknown recipe or an override of the wrong type is an
+    ``InputError`` naming the file: the CLI prints it as one line, before any data or training."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such config file" + ("" if not path.is_dir() else " (it is a folder)"))
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(path, "is not a text (UTF-8 JSON) config file") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(path, "must hold a JSON object (name, card, data, train, tune)")
+    missing = [k for k in REQUIRED_SECTIONS if k not in cfg]
+    if missing:
+        raise InputError(path, f"lacks {', '.join(missing)}; see training/README.md for the config layout")
     cfg["_config_path"] = str(path)
     for item in overrides or []:
-        key, _, raw = item.partition("=")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        _apply_override(cfg, item, path)
+    _check_recipe(cfg, path)
     return cfg
+
+
+def _apply_override(cfg: dict[str, Any], item: str, path: Path) -> None:
+    """``--set a.b=VALUE``: VALUE is JSON where it parses, text otherwise; it must fit the type
+    the config already holds there (``train.steps=abc`` would fail an hour in, not now)."""
+    key, eq, raw = item.partition("=")
+    if not eq or not key or any(not part for part in key.split(".")):
+        raise InputError(None, f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise InputError(path, f"--set {item}: {'.'.join(parts[:i + 1])} is not a section")
+    old = node.get(parts[-1])
+    if old is not None and not _same_kind(old, value):
+        raise InputError(path, f"--set {item}: {key} holds {_kind(old)} ({json.dumps(old)}), not {_kind(value)}")
+    node[parts[-1]] = value
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true/false"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "text"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a section"
+    return "null"
+
+
+def _same_kind(old: Any, new: Any) -> bool:
+    if new is None or _kind(old) == _kind(new):
+        return True
+    # a number may become a per-axis list of numbers (inference.overlap=[0.5,0.5,0.25])
+    return _kind(old) == "a number" and isinstance(new, list) and all(_kind(v) == "a number" for v in new)
+
+
+def _check_recipe(cfg: dict[str, Any], path: Path) -> None:
+    from .recipes import RECIPES  # the registry only: importing it loads no recipe module
+
+    name = cfg.get("recipe", "unet3d")
+    if name not in RECIPES:
+        raise InputError(path, f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
 
 
 def card_of(cfg: dict[str, Any], folder: Path | None = None) -> ModelCard:
