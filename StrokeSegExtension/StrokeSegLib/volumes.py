@@ -21,6 +21,7 @@ import slicer
 import vtk
 
 from strokeseg.errors import InputError
+from strokeseg.io import nifti_file_meta
 from strokeseg.image import Image
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -125,6 +126,10 @@ def node_meta(node: Any, file_for_instance: Callable[[str], str] | None = None) 
     storage = node.GetStorageNode()
     if storage is not None and storage.GetFileName():
         meta["source"] = storage.GetFileName()
+        if not node.GetModifiedSinceRead():
+            # Slicer reads NIfTI through ITK, which turns NaN/Inf into 0 and may take the qform
+            # where FSL takes the sform: what the file really holds decides (check_volume refuses)
+            meta.update(nifti_file_meta(meta["source"]))
     return meta
 
 

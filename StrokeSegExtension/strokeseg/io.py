@@ -7,6 +7,7 @@ is ever left behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -167,7 +168,7 @@ def _nifti_nonfinite(path: Path, img: sitk.Image) -> int:
     return int(np.count_nonzero(~np.isfinite(data)))
 
 
-def _nifti_sform_disagrees(img: sitk.Image, tolerance_mm: float = 1.0) -> str | None:
+def _nifti_sform_disagrees(img: sitk.Image, tolerance_mm: float = 1.0, size: tuple[int, ...] | None = None) -> str | None:
     """A NIfTI carries two placements, qform and sform. ITK (and so Slicer) may take the qform
     where FSL, nibabel and most Python tools take the sform; where both are set and place the
     volume differently, a mask made with one tool lands elsewhere in the other, so the file is
@@ -181,7 +182,7 @@ def _nifti_sform_disagrees(img: sitk.Image, tolerance_mm: float = 1.0) -> str | 
     if srow.shape != (3, 4):
         return None
     dim = img.GetDimension()
-    size = np.array(img.GetSize()[:3], float) - 1.0
+    size = np.array((size or img.GetSize())[:3], float) - 1.0
     corners = np.array([[i, j, k] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])])
     direction = np.asarray(img.GetDirection()).reshape(dim, dim)[:3, :3]
     itk_lps = np.asarray(img.GetOrigin()[:3]) + corners * np.asarray(img.GetSpacing()[:3]) @ direction.T
@@ -191,6 +192,39 @@ def _nifti_sform_disagrees(img: sitk.Image, tolerance_mm: float = 1.0) -> str | 
         return (f"its qform and sform place the volume {off:.1f} mm apart (ITK/Slicer read one, FSL/nibabel the "
                 "other); fix the header so that they agree")
     return None
+
+
+def nifti_file_meta(path: str | Path) -> dict[str, Any]:
+    """What the NIfTI reader hides, read from the file itself: ``nonfinite_voxels`` (NaN/Inf that
+    ITK turned into 0) and ``placement_problem`` (qform and sform disagree). For volumes that were
+    read elsewhere from ``path`` (Slicer's own loading of a NIfTI goes through the same ITK reader);
+    ``check_volume`` refuses either. Empty for anything that is not a readable NIfTI."""
+    path = Path(path)
+    if image_suffix(path) not in (".nii", ".nii.gz") or not path.is_file():
+        return {}
+    st = path.stat()
+    return dict(_nifti_file_meta(str(path), st.st_mtime_ns, st.st_size))  # a copy: callers may edit it
+
+
+@functools.lru_cache(maxsize=64)  # the Slicer module asks again on every detection; a file is read once
+def _nifti_file_meta(path: str, _mtime_ns: int, _size: int) -> dict[str, Any]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return {}
+    info = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+    info.SetOrigin(reader.GetOrigin())
+    info.SetSpacing(reader.GetSpacing())
+    info.SetDirection(reader.GetDirection())
+    for key in reader.GetMetaDataKeys():
+        info.SetMetaData(key, reader.GetMetaData(key))
+    meta: dict[str, Any] = {"nonfinite_voxels": _nifti_nonfinite(Path(path), info)}
+    placement = _nifti_sform_disagrees(info, size=reader.GetSize())
+    if placement:
+        meta["placement_problem"] = placement
+    return meta
 
 
 def read_image(path: str | Path) -> Image:
@@ -250,6 +284,8 @@ def check_volume(image: Image, path: str | Path, *, allow_4d: bool = False) -> N
     sp = np.asarray(image.spacing)
     if not np.all(np.isfinite(sp)) or np.any(sp < 0.05) or np.any(sp > 20.0):
         raise InputError(path, f"absurd voxel spacing {tuple(round(s, 4) for s in image.spacing)} mm")
+    if image.meta.get("placement_problem"):
+        raise InputError(path, image.meta["placement_problem"])
     bad = int(image.meta.get("nonfinite_voxels", 0))  # NIfTI: counted in the file (see _nifti_nonfinite)
     if np.issubdtype(arr.dtype, np.floating):
         bad = max(bad, int(np.count_nonzero(~np.isfinite(arr))))

@@ -7,6 +7,7 @@ phantom's truth (skipped until Resources/Models/models.json exists).
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 
@@ -149,6 +150,43 @@ def test_unusable_volumes_are_refused_before_the_job_naming_the_volume(ctx, case
     logic.detect_inputs()
     slicer.util.arrayFromVolume(nodes["adc"])[:] = 0
     with pytest.raises(InputError, match="ADC map: volume is all zero"):
+        logic.create_job(device="cpu")
+
+
+@pytest.mark.parametrize("problem", ["nan", "qform-sform"])
+def test_what_slicers_nifti_reader_hides_is_refused(problem, ctx, case_dir, tiny_models, tmp_path):
+    """Slicer reads NIfTI through ITK: NaN voxels arrive as 0 and a qform/sform disagreement is
+    settled one way silently. The file decides while the node is as read; an edited node is the
+    user's data and is taken as it is."""
+    import nibabel as nib
+
+    img = nib.load(str(case_dir / "adc.nii.gz"))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    bad = tmp_path / "adc.nii.gz"
+    if problem == "nan":
+        data[:, :, data.shape[2] // 2] = np.nan
+        out = nib.Nifti1Image(data, img.affine)
+        word = f"ADC map: volume contains {data.shape[0] * data.shape[1]} NaN/Inf voxels"
+    else:
+        out = nib.Nifti1Image(data, None)
+        shifted = img.affine.copy()
+        shifted[0, 3] += 10.0
+        out.set_qform(img.affine, code=1)
+        out.set_sform(shifted, code=2)
+        word = "ADC map: its qform and sform place the volume 10.0 mm apart"
+    nib.save(out, str(bad))
+    nodes = {key: ctx.load_volume(case_dir / f"{key}.nii.gz", name=NODE_NAMES[key]) for key in ("dwi", "b0")}
+    nodes["adc"] = ctx.load_volume(bad, name=NODE_NAMES["adc"])
+    if problem == "nan":
+        assert not np.isnan(slicer.util.arrayFromVolume(nodes["adc"])).any()  # what ITK made of it
+    logic = StrokeSegLogic(ctx.scene)
+    logic.detect_inputs()
+    logic.params.inputAdc = nodes["adc"]
+    with pytest.raises(InputError, match=re.escape(word)):
+        logic.create_job(device="cpu")
+    if problem == "nan":  # the user filled the NaN slice in Slicer: the node now holds their data
+        slicer.util.arrayFromVolume(nodes["adc"])[:, :, :] += 0.0
+        slicer.util.arrayFromVolumeModified(nodes["adc"])
         logic.create_job(device="cpu")
 
 

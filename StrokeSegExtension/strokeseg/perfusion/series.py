@@ -138,6 +138,8 @@ def validate_series(series: Image, where: str | Path | None = None, *, min_frame
     if series.meta.get("nonfinite_voxels") or (np.issubdtype(series.array.dtype, np.floating)
                                                and not np.all(np.isfinite(series.array))):
         raise InputError(where, "series contains NaN/Inf voxels")
+    if series.meta.get("placement_problem"):  # a NIfTI read by Slicer (StrokeSegLib.volumes.node_meta)
+        raise InputError(where, series.meta["placement_problem"])
     return t
 
 
