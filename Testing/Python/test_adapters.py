@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +405,24 @@ def test_real_isles22_into_training_cache(tmp_path, phantom_isles22):
     held = _real_cfg(tmp_path, root, test_fraction=0.34, folds=2)
     test = [c.case_id for c in split_cases(held, "test")]
     assert len(test) == 2 and not set(test) & {c.case_id for c in split_cases(held, "train") + split_cases(held, "val")}
+
+
+def test_real_data_in_other_units_trains_on_the_same_inputs(tmp_path, phantom_isles22):
+    """An ADC exported in mm²/s (FSL, MRtrix) is the same training input as the 1e-6 mm²/s original,
+    as it is at inference: before, the network learnt from ADC ~0.0008 where it later sees ~800."""
+    from strokeseg_training.realdata import build_real_split
+
+    root, _ = phantom_isles22
+    other = tmp_path / "ISLES-2022"
+    shutil.copytree(root, other)
+    for adc in other.glob("rawdata/*/*/dwi/*_adc.nii.gz"):
+        im = read_image(adc)
+        write_image(Image(im.array.astype(np.float32) * 1e-6, im.spacing, im.origin, im.direction), adc)
+    a = load_volumes(build_real_split(_real_cfg(tmp_path / "a", root), "val", workers=1)[0])
+    b = load_volumes(build_real_split(_real_cfg(tmp_path / "b", other), "val", workers=1)[0])
+    assert len(a) == len(b) == 2
+    for va, vb in zip(a, b):
+        np.testing.assert_allclose(vb.image.astype(np.float32), va.image.astype(np.float32), atol=2e-2)
 
 
 def test_real_data_skips_unusable_cases_and_phantom_folders(tmp_path, phantom_isles22):

@@ -41,7 +41,7 @@ from strokeseg.errors import InputError
 from strokeseg.image import Image
 from strokeseg.io import image_suffix, read_image, write_image, write_text
 from strokeseg.metrics import json_safe
-from strokeseg.modality import load_inputs
+from strokeseg.modality import in_standard_units, load_inputs
 from strokeseg.preprocess import check_overlap, prepare
 
 from .adapters import Case, discover, get_adapter
@@ -49,7 +49,7 @@ from .config import DEFAULT_RUNS, REPO_ROOT, card_of, data_key
 from .data import label_on_grid
 from .folds import holdout_split, kfold_splits
 
-REALDATA_VERSION = "real-1"
+REALDATA_VERSION = "real-2"  # real-2: ADC and time maps in the engine's units (in_standard_units)
 SPLITS = ("train", "val", "test")
 
 
@@ -220,7 +220,8 @@ def _prepare_one(cfg: dict[str, Any], case: Case, npz_dir: str, cases_dir: str) 
     card = card_of(cfg)
     wanted = set(card.required) | set(card.optional) | {s for srcs in card.derivable.values() for s in srcs}
     files = {k: p for k, p in case.inputs.items() if k in wanted}
-    images = load_inputs(files)
+    # ADC in mm²/s and time maps in ms (FSL, MRtrix, some vendors) in the engine's units, as at inference
+    images = {k: in_standard_units(k, im) for k, im in load_inputs(files).items()}
     prepared = prepare(images, card)
     label_name = _label_name(cfg)
     truth = {label_name: read_label(case, label_name)}
