@@ -53,6 +53,10 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         raise StrokeSegError(f"{library}: lesion library folder not found")
     if args.count < 1:
         raise StrokeSegError(f"--count must be at least 1, got {args.count}")
+    if args.seed < 0:
+        raise StrokeSegError(f"--seed must be 0 or more, got {args.seed}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found before minutes of simulation, not after
+        raise StrokeSegError(f"{args.out}: --out is a file, not a folder")
     if args.modality in ("ctp", "pwi"):
         if args.grid is not None or args.skull_strip is not None or args.deface is not None:
             raise StrokeSegError(f"phantom --modality {args.modality}: --grid/--skull-strip/--deface do not apply to perfusion")

@@ -229,7 +229,8 @@ def _segmentation_mask(image: Image, role: str) -> np.ndarray:
         frames = image.array.shape[0]
         raise InputError(_name(image, role), f"4D series ({frames} frames) where a 3D segmentation is expected")
     arr = image.array
-    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+    # a NIfTI's NaN/Inf arrive as 0 from ITK: read_image counted them in the file
+    if image.meta.get("nonfinite_voxels") or (np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr))):
         raise InputError(_name(image, role), "segmentation contains NaN/Inf voxels")
     return _mask(arr)
 

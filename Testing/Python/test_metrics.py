@@ -292,6 +292,10 @@ def test_evaluate_files_round_trip(tmp_path):
 
     with pytest.raises(InputError, match="missing.nii.gz"):
         evaluate_files(tmp_path / "missing.nii.gz", tmp_path / "truth.nii.gz")
+    prob[0, 0, 0] = np.nan  # ITK reads it as 0: the file is checked
+    write_image(Image(prob, **geometry), tmp_path / "nan.nii.gz")
+    with pytest.raises(InputError, match=r"nan.nii.gz: segmentation contains NaN/Inf voxels"):
+        evaluate_files(tmp_path / "nan.nii.gz", tmp_path / "truth.nii.gz")
 
 
 def test_prediction_on_another_overlapping_grid_is_resampled():

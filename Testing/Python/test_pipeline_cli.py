@@ -392,3 +392,16 @@ def test_cli_phantom_option_that_does_not_apply_is_a_clear_error(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dwi" in err[0] and "--skull-strip" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("modality", ["dwi", "ctp"])
+@pytest.mark.parametrize("problem, word", [("seed", "--seed must be 0 or more"), ("out-file", "--out is a file")])
+def test_cli_phantom_bad_arguments_fail_before_simulating(modality, problem, word, tmp_path, capsys):
+    out = tmp_path / "taken.nii.gz"
+    out.write_bytes(b"the user's file")
+    args = ["phantom", "--modality", modality, "-q", "--seed", "-5" if problem == "seed" else "1",
+            "--out", str(out if problem == "out-file" else tmp_path / "x")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and word in err[0], err  # -q: no progress bar either, so nothing was simulated
+    assert out.read_bytes() == b"the user's file" and not (tmp_path / "x").exists()
