@@ -215,3 +215,19 @@ def test_fit_does_not_validate_twice_when_the_budget_runs_out_during_a_validatio
               max_minutes=2.0 / 60)
     assert len(calls) == 1 and res["steps_done"] == 2
     assert (tmp_path / "best.safetensors").is_file()
+
+
+def test_pos_weight_makes_missed_lesion_voxels_cost_more():
+    import torch
+
+    from strokeseg_training.train import make_loss
+
+    target = torch.zeros(1, 1, 4, 4, 4)
+    target[..., :2, :, :] = 1.0
+    logits = torch.where(target > 0, torch.tensor(-1.0), torch.tensor(-3.0))  # lesion under-called
+    plain, weighted = make_loss("dicece")(logits, target), make_loss("dicece", 3.0)(logits, target)
+    assert weighted > plain
+    over = torch.where(target > 0, torch.tensor(3.0), torch.tensor(1.0))  # background over-called: unchanged
+    assert make_loss("dicece", 3.0)(over, target) == pytest.approx(float(make_loss("dicece")(over, target)), rel=0.2)
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_loss("dice")

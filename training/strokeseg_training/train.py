@@ -52,10 +52,17 @@ def _elapsed(t0: float, world: int, dev: torch.device) -> float:
     return elapsed
 
 
-def make_loss(name: str) -> torch.nn.Module:
+def make_loss(name: str, pos_weight: float | None = None) -> torch.nn.Module:
+    """``pos_weight`` (> 1) weights lesion voxels in the BCE term: for models that find lesions
+    precisely but miss their faint parts (T1's gliotic rim), it trades precision for recall."""
+    if name not in ("dicece", "dicefocal"):
+        raise ValueError(f"unknown loss {name!r} (dicece, dicefocal)")
     if name == "dicefocal":
+        if pos_weight is not None:
+            raise ValueError("pos_weight applies to the dicece loss")
         return DiceFocalLoss(sigmoid=True, batch=True)
-    return DiceCELoss(sigmoid=True, batch=True)
+    weight = None if pos_weight is None else torch.tensor([float(pos_weight)])
+    return DiceCELoss(sigmoid=True, batch=True, weight=weight)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -147,7 +154,7 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr
         return lr
-    loss_fn = make_loss(tc.get("loss", "dicece"))
+    loss_fn = make_loss(tc.get("loss", "dicece"), tc.get("pos_weight")).to(dev)
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
 
     start, best, smoothed, elapsed0 = 0, -1.0, None, 0.0
