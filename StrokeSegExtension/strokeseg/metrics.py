@@ -250,6 +250,10 @@ def evaluate_images(pred: Image, truth: Image) -> dict:
         "spacing": list(truth.spacing),
         "resampled": False,
     }
+    for role, im in (("pred", pred), ("truth", truth)):
+        a = im.array
+        if np.issubdtype(a.dtype, np.floating) and np.any(np.abs(a - np.round(a)) > 1e-3):
+            result[f"{role}_thresholded_at"] = PROBABILITY_THRESHOLD  # a probability map: say how it was read
     if not pred.same_grid(truth):
         # Labels shifted by one so that 0 after resampling means "outside the prediction grid".
         coded = pred.with_array(p_mask.astype(np.uint8) + 1)

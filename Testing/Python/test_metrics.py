@@ -278,6 +278,7 @@ def test_evaluate_files_round_trip(tmp_path):
     res = evaluate_files(tmp_path / "pred.nii.gz", tmp_path / "truth.nii.gz")
     json.dumps(res, allow_nan=False)
     assert res["resampled"] is False and res["pred"].endswith("pred.nii.gz")
+    assert res["pred_thresholded_at"] == 0.5 and "truth_thresholded_at" not in res  # the report says how it read a map
     m = res["metrics"]
     # Pred mask = 64 lesion voxels + 1 stray: Dice = 128/129, one FP lesion.
     assert m["dice"] == pytest.approx(128 / 129) and m["lesion_fp"] == 1 and m["lesion_tp"] == 1
