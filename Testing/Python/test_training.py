@@ -231,3 +231,15 @@ def test_pos_weight_makes_missed_lesion_voxels_cost_more():
     assert make_loss("dicece", 3.0)(over, target) == pytest.approx(float(make_loss("dicece")(over, target)), rel=0.2)
     with pytest.raises(ValueError, match="unknown loss"):
         make_loss("dice")
+
+
+def test_training_interrupted_says_how_to_resume(monkeypatch, capsys):
+    import strokeseg_training.cli as train_cli
+
+    def interrupted(args, argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "_run", interrupted)
+    assert train_main(["train", "--config", str(CONFIG)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resumes from the last checkpoint" in err[0]
