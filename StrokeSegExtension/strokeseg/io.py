@@ -152,7 +152,7 @@ def _nifti_truncation(path: Path) -> str | None:
     return None
 
 
-def _nifti_nonfinite(path: Path, img: sitk.Image) -> int:
+def _nifti_nonfinite(path: Path, img: sitk.Image | sitk.ImageFileReader) -> int:
     """NaN/Inf voxels of a floating-point NIfTI. ITK's NIfTI reader (SimpleITK <= 2.5) silently
     turns them into 0 (fixed only in ITK 6, InsightSoftwareConsortium/ITK#6683), which would make a
     NaN slice of a DWI or ADC read as real zeros; nibabel reads the stored values."""
@@ -168,7 +168,7 @@ def _nifti_nonfinite(path: Path, img: sitk.Image) -> int:
     return int(np.count_nonzero(~np.isfinite(data)))
 
 
-def _nifti_sform_disagrees(img: sitk.Image, tolerance_mm: float = 1.0, size: tuple[int, ...] | None = None) -> str | None:
+def _nifti_sform_disagrees(img: sitk.Image | sitk.ImageFileReader, tolerance_mm: float = 1.0) -> str | None:
     """A NIfTI carries two placements, qform and sform. ITK (and so Slicer) may take the qform
     where FSL, nibabel and most Python tools take the sform; where both are set and place the
     volume differently, a mask made with one tool lands elsewhere in the other, so the file is
@@ -182,7 +182,7 @@ def _nifti_sform_disagrees(img: sitk.Image, tolerance_mm: float = 1.0, size: tup
     if srow.shape != (3, 4):
         return None
     dim = img.GetDimension()
-    size = np.array((size or img.GetSize())[:3], float) - 1.0
+    size = np.array(img.GetSize()[:3], float) - 1.0
     corners = np.array([[i, j, k] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])])
     direction = np.asarray(img.GetDirection()).reshape(dim, dim)[:3, :3]
     itk_lps = np.asarray(img.GetOrigin()[:3]) + corners * np.asarray(img.GetSpacing()[:3]) @ direction.T
@@ -214,14 +214,9 @@ def _nifti_file_meta(path: str, _mtime_ns: int, _size: int) -> dict[str, Any]:
         reader.ReadImageInformation()
     except RuntimeError:
         return {}
-    info = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
-    info.SetOrigin(reader.GetOrigin())
-    info.SetSpacing(reader.GetSpacing())
-    info.SetDirection(reader.GetDirection())
-    for key in reader.GetMetaDataKeys():
-        info.SetMetaData(key, reader.GetMetaData(key))
-    meta: dict[str, Any] = {"nonfinite_voxels": _nifti_nonfinite(Path(path), info)}
-    placement = _nifti_sform_disagrees(info, size=reader.GetSize())
+    # the reader answers the header questions an Image does (pixel type, geometry, metadata)
+    meta: dict[str, Any] = {"nonfinite_voxels": _nifti_nonfinite(Path(path), reader)}
+    placement = _nifti_sform_disagrees(reader)
     if placement:
         meta["placement_problem"] = placement
     return meta
