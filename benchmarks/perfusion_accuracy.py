@@ -18,7 +18,7 @@ reason and counts as outside the volume tolerance.
 
     python benchmarks/perfusion_accuracy.py [--count 24] [--split test|val] [--modality ctp pwi]
         [--lesion-library DIR] [--denoise bilateral|gaussian] [--smooth-mm S] [--oi X] [--min-cutoff P]
-        [--out FILE]
+        [--residue exponential|gamma|linear|box] [--out FILE]
 
 Prints a table and writes benchmarks/results/perfusion_accuracy.json (``--out``: elsewhere, for
 tuning runs; the committed file is the test split with the engine's defaults).
@@ -41,7 +41,7 @@ from scipy.stats import spearmanr
 import strokeseg
 from strokeseg.errors import InputError
 from strokeseg.perfusion import PerfusionSettings, run_perfusion
-from strokeseg.phantom.perfusion import simulate_perfusion
+from strokeseg.phantom.perfusion import RESIDUES, simulate_perfusion
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LIBRARY = HERE.parent.parent / "shared" / "data" / "soop" / "lesions"
@@ -131,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--denoise", default=None, choices=["bilateral", "gaussian"], help="curve denoising (default: the engine's)")
     ap.add_argument("--h-anatomy", type=float, default=-1.0, help="bilateral anatomy range width (default: the engine's; 0: off)")
     ap.add_argument("--h-perfusion", type=float, default=-1.0, help="bilateral perfusion range width (default: the engine's; 0: off)")
+    ap.add_argument("--residue", default="exponential", choices=list(RESIDUES),
+                    help="tissue residue family of the phantoms (default: the generator's; others check the analysis "
+                         "does not rely on it)")
     ap.add_argument("--out", default=str(HERE / "results" / "perfusion_accuracy.json"))
     args = ap.parse_args(argv)
     settings = PerfusionSettings(oi=args.oi, smooth_mm=args.smooth_mm, denoise=args.denoise, min_cutoff=args.min_cutoff)
@@ -144,12 +147,14 @@ def main(argv=None) -> int:
                      "lesion_library": args.lesion_library, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
                      "date": time.strftime("%Y-%m-%d %H:%M"), "settings": {"oi": args.oi, "min_cutoff": args.min_cutoff, "smooth_mm": args.smooth_mm, "denoise": args.denoise,
                                                                "h_anatomy": settings.h_anatomy, "h_perfusion": settings.h_perfusion},
+                     "residue": args.residue,
                      "modalities": {}}
     for modality in args.modality:
         rows = []
         for k in range(args.count):
             t0 = time.perf_counter()
-            case = simulate_perfusion(seed0 + k, modality, args.lesion_library, args.split, compute_maps=False)
+            case = simulate_perfusion(seed0 + k, modality, args.lesion_library, args.split, compute_maps=False,
+                                      residue=args.residue)
             gen_s = time.perf_counter() - t0
             try:
                 res = run_perfusion(case.images[modality], adc=case.images.get("adc"), settings=settings)

@@ -57,6 +57,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         raise StrokeSegError(f"--seed must be 0 or more, got {args.seed}")
     if Path(args.out).exists() and not Path(args.out).is_dir():  # found before minutes of simulation, not after
         raise StrokeSegError(f"{args.out}: --out is a file, not a folder")
+    if args.residue is not None and args.modality not in ("ctp", "pwi"):
+        raise StrokeSegError(f"phantom --modality {args.modality}: --residue applies to ctp and pwi phantoms")
     if args.modality in ("ctp", "pwi"):
         if args.grid is not None or args.skull_strip is not None or args.deface is not None:
             raise StrokeSegError(f"phantom --modality {args.modality}: --grid/--skull-strip/--deface do not apply to perfusion")
@@ -200,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="t1/siss: brain-extracted images (default: drawn per case for t1, always for siss)")
     ph.add_argument("--deface", action=argparse.BooleanOptionalAction, default=None,
                     help="t1/siss: remove the face (when not skull-stripped; default: drawn per case)")
+    ph.add_argument("--residue", choices=["exponential", "gamma", "linear", "box"], default=None,
+                    help="ctp/pwi: tissue residue family (default exponential; the others test an analysis against "
+                         "a model it does not assume)")
     ph.add_argument("-q", "--quiet", action="store_true")
     ph.set_defaults(func=cmd_phantom)
 

@@ -25,12 +25,13 @@ from strokeseg.perfusion import (
 )
 from strokeseg.perfusion.concentration import bolus_timing, concentration_frame
 from strokeseg.perfusion.decision import decide, hemispheres
-from strokeseg.perfusion.deconvolution import KH, RHO, deconvolve
+from strokeseg.perfusion.deconvolution import KH, RHO, deconvolve, reference_gain
 from strokeseg.perfusion.denoise import guided_bilateral, masked_gaussian, neighbour_noise
 from strokeseg.perfusion.masks import ct_masks
 from strokeseg.perfusion.motion import CT_REGISTRATION_HU, correct_motion, inplane_rigid
 from strokeseg.perfusion.series import validate_series
-from strokeseg.phantom.perfusion import gamma_variate, residue_peak_time, simulate_perfusion, write_perfusion_case
+from strokeseg.phantom.perfusion import (RESIDUES, KineticTable, arterial_input, gamma_variate, residue_functions,
+                                        residue_peak_time, simulate_perfusion, write_perfusion_case)
 
 SMALL = dict(size=(64, 64, 8), frames=40, dt=1.5, compute_maps=False, lesion=True)
 
@@ -48,15 +49,16 @@ def small_ct_result(small_ct):
     return run_perfusion(small_ct.images["ctp"])
 
 
-def _synthetic_curves(dt: float, n: int, cases):
-    """Tissue curves C = rho/kH CBF (AIF (x) h_beta (x) exp(-t/MTT))(t - delay), fine grid then sampled."""
+def _synthetic_curves(dt: float, n: int, cases, residue: str = "exponential"):
+    """Tissue curves C = rho/kH CBF (AIF (x) h_beta (x) R_MTT)(t - delay), fine grid then sampled;
+    R exp(-t/MTT) unless ``residue`` names another family."""
     fine = 0.05
     tf = np.arange(0.0, n * dt + 40.0, fine)
     aif_f = 300.0 * gamma_variate(tf, 5.0, 3.0, 1.5)
     out = []
     for cbf, mtt, delay, beta in cases:
         h = aif_f if beta == 0 else np.convolve(aif_f, np.exp(-tf / beta) / beta * fine)[: tf.size]
-        c = np.convolve(h, np.exp(-tf / mtt))[: tf.size] * fine * (RHO / KH) * cbf / 6000.0
+        c = np.convolve(h, residue_functions(tf, np.array([mtt]), residue)[0])[: tf.size] * fine * (RHO / KH) * cbf / 6000.0
         out.append(np.interp(tf - delay, tf, c, left=0.0))
     idx = np.round(np.arange(n) * dt / fine).astype(int)
     return aif_f[idx], np.stack([c[idx] for c in out], axis=1).astype(np.float32)
@@ -99,6 +101,53 @@ def test_deconvolution_ranks_flow():
     for mtt in (4.0, 12.0):
         sel = np.array([c[1] == mtt for c in cases])
         assert np.all(np.diff(maps.cbf[sel]) > 0)
+
+
+@pytest.mark.parametrize("dt,n", [(1.0, 50), (2.0, 26)])
+def test_relative_flow_does_not_depend_on_the_residue_family(dt, n):
+    """CT core = CBF below 30% of the healthy mean. Regularisation lowers healthy flow more than
+    the core's, by an amount that depends on the residue's shape; the reference gain is measured on
+    the healthy mean curve, so core (10%) and penumbra (40%) read right whatever the family. (A gain
+    tabulated for exponential residues read gamma-residue cores 40-70% too large on phantoms.)"""
+    rng = np.random.default_rng(1)
+    for family in RESIDUES:
+        rel = {}
+        aif, healthy = _synthetic_curves(dt, n, [(50.0, 4.0, 1.0, 0.5)], family)
+        noisy = lambda c: np.repeat(c, 2000, axis=1) + rng.normal(0, 1.0, (n, 2000)).astype(np.float32)  # noqa: E731
+        h = noisy(healthy)
+        ref = deconvolve(h, aif, dt, min_cutoff=0.3)
+        gain = reference_gain(h.mean(axis=1), aif, dt, float(np.median(ref.cutoff)))
+        assert gain > 1.1, family  # regularisation costs healthy tissue a sizeable part of its peak
+        for name, case in {"core": (5.0, 12.0, 6.0, 3.0), "penumbra": (20.0, 8.0, 4.0, 2.0)}.items():
+            _, c = _synthetic_curves(dt, n, [case], family)
+            rel[name] = float(np.median(deconvolve(noisy(c), aif, dt, min_cutoff=0.3).cbf)) / (float(ref.cbf.mean()) * gain)
+        assert abs(rel["core"] - 0.10) < 0.05, (family, rel)
+        assert abs(rel["penumbra"] - 0.40) < 0.10, (family, rel)
+    assert reference_gain(np.zeros(n, np.float32), aif, dt, 0.3) == 1.0  # no signal: no correction
+
+
+@pytest.mark.parametrize("family", RESIDUES)
+def test_phantom_residue_families_keep_the_central_volume_theorem(family):
+    """Every residue family starts at 1 and has area MTT (CBV = CBF x MTT), and the phantom's true
+    Tmax is the peak of the dispersed residue."""
+    tau = np.arange(0.0, 120.0, 0.05)
+    mtts = np.array([2.0, 5.0, 12.0])
+    r = residue_functions(tau, mtts, family)
+    assert np.allclose(r[:, 0], 1.0)
+    assert np.allclose(r.sum(axis=1) * 0.05, mtts, rtol=0.02)
+    assert np.all(np.diff(r, axis=1) <= 1e-12)  # non-increasing
+    aif, _ = arterial_input(np.arange(0.0, 90.0, 0.1), np.random.default_rng(0), 300.0)
+    table = KineticTable(aif, 0.1, family)
+    peaks = table.residue_peak_time(np.array([4.0, 8.0]), table.beta_index(np.array([0.0, 2.0])))
+    assert peaks[0] == 0.0  # undispersed: the residue peaks at its onset
+    if family == "exponential":
+        assert abs(peaks[1] - residue_peak_time(np.array([8.0]), np.array([2.0]))[0]) < 0.15
+    if family == "box":
+        assert abs(peaks[1] - 8.0) < 0.15  # a dispersed plug flow peaks when its transit ends
+    with pytest.raises(ValueError, match="residue"):
+        residue_functions(tau, mtts, "triangle")
+    with pytest.raises(ValueError, match="residue"):
+        simulate_perfusion(0, "ctp", residue="triangle")
 
 
 def test_cutoff_floor_steadies_the_flow_of_noisy_curves():

@@ -392,6 +392,10 @@ def test_cli_phantom_option_that_does_not_apply_is_a_clear_error(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dwi" in err[0] and "--skull-strip" in err[0]
     assert not (tmp_path / "x").exists()
+    assert main(["phantom", "--modality", "t1", "--residue", "gamma", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--residue applies to ctp and pwi" in err[0]
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("modality", ["dwi", "ctp"])
@@ -405,3 +409,15 @@ def test_cli_phantom_bad_arguments_fail_before_simulating(modality, problem, wor
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and word in err[0], err  # -q: no progress bar either, so nothing was simulated
     assert out.read_bytes() == b"the user's file" and not (tmp_path / "x").exists()
+
+
+def test_cli_phantom_residue_reaches_the_perfusion_generator(tmp_path, monkeypatch):
+    import strokeseg.phantom.perfusion as pp
+
+    seen = {}
+    monkeypatch.setattr(pp, "generate_perfusion_cases", lambda *a, **kw: seen.update(kw) or [])
+    assert main(["phantom", "--modality", "ctp", "--residue", "box", "-q", "--out", str(tmp_path / "x")]) == 0
+    assert seen["residue"] == "box"
+    seen.clear()
+    assert main(["phantom", "--modality", "pwi", "-q", "--out", str(tmp_path / "x")]) == 0
+    assert "residue" not in seen  # the generator's default

@@ -136,7 +136,8 @@ def run_phantom(args: argparse.Namespace) -> list[Path]:
 
     if args.modality not in PHANTOM_MODALITIES:
         raise StrokeSegError(f"perfusion phantoms are {PHANTOM_MODALITIES}, not {args.modality!r}")
+    extra = {"residue": args.residue} if getattr(args, "residue", None) else {}
     return generate_perfusion_cases(args.modality, args.seed, args.out, count=args.count,
                                     lesion_library=args.lesion_library, split=args.split,
-                                    progress=not getattr(args, "quiet", False))
+                                    progress=not getattr(args, "quiet", False), **extra)
 

@@ -9,8 +9,9 @@ them (Albers et al., NEJM 2018, DEFUSE 3; Nogueira et al., NEJM 2018, DAWN):
   mismatch       volume = hypoperfusion - core, ratio = hypoperfusion / core;
   HIR            volume(Tmax > 10 s) / volume(Tmax > 6 s) (Olivot et al., Stroke 2014).
 The CT reference is corrected for the peak loss SVD regularisation inflicts on healthy tissue
-(``gain``, see ``deconvolution``): uncorrected, healthy flow reads 20-45% low relative to the
-core's and rCBF < 30% misses a third of the core on phantoms. CT core components must themselves be hypoperfused (median Tmax above the hypoperfusion threshold),
+(``gain``, measured on the healthy tissue's mean curve: ``deconvolution.reference_gain``):
+uncorrected, healthy flow reads 20-45% low relative to the core's and rCBF < 30% misses a third of
+the core on phantoms. CT core components must themselves be hypoperfused (median Tmax above the hypoperfusion threshold),
 which removes low-flow tissue that is not ischaemic (CSF partial volume, white matter noise);
 the rCBF they are drawn from is median-filtered in-plane (3 x 3) first, against single-voxel noise.
 Components smaller than a minimum volume are removed. Every number is a field of ``Thresholds``.
@@ -87,6 +88,17 @@ def hemispheres(shape: tuple[int, int, int], index_to_physical, brain: np.ndarra
     return x > mid
 
 
+def healthy_reference(tmax: np.ndarray, tissue: np.ndarray, left: np.ndarray, th: Thresholds) -> tuple[np.ndarray, bool]:
+    """(mask, healthy side is the left) of the CBF reference: the non-hypoperfused tissue of the
+    hemisphere with less hypoperfusion (all non-hypoperfused tissue if that side has none)."""
+    hypo = tissue & (tmax > th.tmax_hypo_s)
+    healthy_left = float(np.count_nonzero(hypo & left)) < float(np.count_nonzero(hypo & ~left))
+    healthy = tissue & (left if healthy_left else ~left) & (tmax <= th.tmax_hypo_s)
+    if not healthy.any():
+        healthy = tissue & (tmax <= th.tmax_hypo_s)
+    return healthy, healthy_left
+
+
 def decide(
     cbf: np.ndarray,
     tmax: np.ndarray,
@@ -97,25 +109,17 @@ def decide(
     kind: str,
     adc: np.ndarray | None = None,
     thresholds: Thresholds | None = None,
-    gain: np.ndarray | None = None,
+    gain: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """(core, hypoperfusion, penumbra, report) on the map grid; all masks within ``tissue``."""
     th = thresholds or Thresholds()
     th.validate()
-    hypo_raw = tissue & (tmax > th.tmax_hypo_s)
-    # The healthy side is the one with less hypoperfusion; its non-hypoperfused tissue is the
-    # CBF reference.
-    left_ml = float(np.count_nonzero(hypo_raw & left)) * voxel_ml
-    right_ml = float(np.count_nonzero(hypo_raw & ~left)) * voxel_ml
-    healthy_left = left_ml < right_ml
-    healthy = tissue & (left if healthy_left else ~left) & (tmax <= th.tmax_hypo_s)
-    if not healthy.any():
-        healthy = tissue & (tmax <= th.tmax_hypo_s)
+    healthy, healthy_left = healthy_reference(tmax, tissue, left, th)
     mean_cbf = float(np.mean(cbf[healthy])) if healthy.any() else float("nan")
     # SVD regularisation lowers the flow of healthy tissue (short MTT, sharp residue) more than
-    # that of the core (long MTT): the reference is restored by the healthy voxels' median peak
-    # loss (``gain``, from the deconvolution), the core left as measured (its loss is small).
-    ref_gain = float(np.median(gain[healthy])) if gain is not None and healthy.any() else 1.0
+    # that of the core (long MTT): the reference is restored by ``gain`` (measured by the caller on
+    # the healthy tissue's mean curve, see deconvolution.reference_gain), the core left as measured.
+    ref_gain = float(gain) if gain is not None and np.isfinite(gain) and gain > 0 else 1.0
     ref_cbf = mean_cbf * ref_gain
     rcbf = cbf / ref_cbf if np.isfinite(ref_cbf) and ref_cbf > 0 else np.zeros_like(cbf)
 
@@ -138,7 +142,7 @@ def decide(
                 keep = np.concatenate([[False], med > th.core_requires_tmax_s])
                 core = keep[lab]
     core = _clean(core, th.min_core_ml, voxel_ml)
-    hypo = _clean(hypo_raw | core, th.min_hypo_ml, voxel_ml) | core
+    hypo = _clean((tissue & (tmax > th.tmax_hypo_s)) | core, th.min_hypo_ml, voxel_ml) | core
     penumbra = hypo & ~core
 
     report = {

@@ -26,8 +26,8 @@ from ..io import staged_outputs, write_image, write_text
 from ..modality import adc_in_standard_units
 from .aif import CT_VESSEL_HU, select_input_functions
 from .concentration import DEFAULT_TE_S, bolus_timing, concentration_frame, detect_kind
-from .decision import Thresholds, decide, hemispheres
-from .deconvolution import deconvolve, time_to_peak
+from .decision import Thresholds, decide, healthy_reference, hemispheres
+from .deconvolution import deconvolve, reference_gain, time_to_peak
 from .denoise import guided_bilateral
 from .masks import ct_masks, mr_masks
 from .motion import CT_REGISTRATION_HU, correct_motion
@@ -270,8 +270,11 @@ def run_perfusion(
     left = hemispheres(search.shape, geom.index_to_physical, search)
     gain = None
     if st.reference_gain:
-        gain = np.ones(search.shape, np.float32)
-        gain[search] = dec.peak_gain
+        healthy, _ = healthy_reference(maps["tmax"].array, tissue, left, th)
+        in_search = healthy[search]
+        if in_search.sum() >= 100:
+            cutoff = float(np.median(dec.cutoff[in_search]))
+            gain = reference_gain(smooth_u[:, in_search].mean(axis=1), inputs.aif.astype(np.float64), dt, cutoff, oi=st.oi)
     core, hypo, penumbra, decision = decide(maps["cbf"].array, maps["tmax"].array, tissue, left, geom.voxel_volume_ml,
                                             kind=kind, adc=adc_grid, thresholds=th, gain=gain)
     timings["decision_s"] = time.perf_counter() - t

@@ -6,7 +6,8 @@ Anatomy, subject pose, lesion shapes and arterial territories are those of the D
 * arterial input: gamma variate (Thompson et al. 1964; Benner et al. 1997 for first-pass shapes)
   plus a dispersed recirculation pass;
 * tissue: C(t) = rho/kH * CBF * (AIF (x) h_beta (x) R)(t - delay), with an exponential residue
-  R(t) = exp(-t/MTT) (Ostergaard et al. 1996), MTT = CBV/CBF, and a dispersion kernel
+  R(t) = exp(-t/MTT) (Ostergaard et al. 1996; gamma, linear or box residues on request, see
+  ``residue_functions``), MTT = CBV/CBF, and a dispersion kernel
   h_beta(t) = exp(-t/beta)/beta that widens with the delay on collateral paths (Calamante et al.,
   MRM 2006); rho = 1.04 g/mL and kH = 0.55/0.75, as in the deconvolution;
 * ischaemia in the arterial territory (atlas of Liu et al., Sci Data 2023) of the lesion: a
@@ -252,21 +253,53 @@ def arterial_input(tau: np.ndarray, rng: np.random.Generator, peak: float) -> tu
                  "peak": round(float(peak), 3), "recirculation_delay_s": round(rec_delay, 3)}
 
 
+RESIDUES = ("exponential", "gamma", "linear", "box")
+GAMMA_RESIDUE_SHAPE = 3.0  # transit times gamma-distributed with this shape (Mouridsen et al., MRM 2006)
+
+
+def residue_functions(tau: np.ndarray, mtt: np.ndarray, family: str = "exponential") -> np.ndarray:
+    """Residue functions R(tau) (len(mtt) x len(tau)), R(0) = 1 and area MTT, so that CBV = CBF x
+    MTT holds for every family (Ostergaard et al., MRM 1996, used the first, linear and box forms
+    to show that SVD does not depend on the residue's shape):
+
+    * exponential: exp(-t/MTT) (one well-mixed compartment, the default);
+    * gamma: 1 - CDF of gamma-distributed transit times of shape 3 and mean MTT;
+    * linear: 1 - t/(2 MTT) until 2 MTT (transit times uniform on [0, 2 MTT]);
+    * box: 1 until MTT (plug flow, every transit time equal)."""
+    t = np.asarray(tau, float)[None, :]
+    m = np.asarray(mtt, float)[:, None]
+    if family == "exponential":
+        return np.exp(-t / m)
+    if family == "gamma":
+        from scipy.special import gammaincc
+
+        return gammaincc(GAMMA_RESIDUE_SHAPE, GAMMA_RESIDUE_SHAPE * t / m)
+    if family == "linear":
+        return np.clip(1.0 - t / (2.0 * m), 0.0, None)
+    if family == "box":
+        return (t < m).astype(float)
+    raise ValueError(f"residue must be one of {RESIDUES}, got {family!r}")
+
+
 class KineticTable:
-    """Tissue curves K(tau; MTT, beta) = (AIF (x) h_beta (x) exp(-t/MTT))(tau) on a fine grid, so each
+    """Tissue curves K(tau; MTT, beta) = (AIF (x) h_beta (x) R_MTT)(tau) on a fine grid, so each
     voxel's curve is a lookup: linear in MTT (which keeps its area exact), nearest in beta, linear in
-    time after the delay."""
+    time after the delay. ``residue``: the family of R (``residue_functions``)."""
 
     BETAS = np.arange(0.0, 4.01, 0.25)
     MTTS = np.geomspace(0.8, 40.0, 40)
 
-    def __init__(self, aif: np.ndarray, dtau: float):
+    def __init__(self, aif: np.ndarray, dtau: float, residue: str = "exponential"):
         self.dtau = dtau
+        self.residue = residue
         n = aif.size
         tau = np.arange(n) * dtau
         self.dispersed = np.stack([_convolve(aif, _kernel(tau, b)) for b in self.BETAS])  # (B, n)
-        res = np.exp(-tau[None, :] / self.MTTS[:, None])  # (M, n)
+        res = residue_functions(tau, self.MTTS, residue)  # (M, n)
         self.table = (_convolve(self.dispersed[None, :, :], res[:, None, :]) * dtau).astype(np.float32)  # (M, B, n)
+        # Peak time of the dispersed residue h_beta (x) R (the true Tmax after the delay), (M, B).
+        kernels = np.stack([_kernel(tau, b) for b in self.BETAS])
+        self.residue_peaks = np.argmax(_convolve(kernels[None, :, :], res[:, None, :]), axis=-1) * dtau
 
     def beta_index(self, beta: np.ndarray) -> np.ndarray:
         return np.clip(np.round(beta / 0.25), 0, len(self.BETAS) - 1).astype(np.int64)
@@ -288,6 +321,13 @@ class KineticTable:
             base = (mm * len(self.BETAS) + beta_idx) * n
             out += w[None, :] * ((1 - wt) * flat[base[None, :] + i0] + wt * flat[base[None, :] + i0 + 1])
         return np.where(valid, out, 0.0)
+
+    def residue_peak_time(self, mtt: np.ndarray, beta_idx: np.ndarray) -> np.ndarray:
+        """Peak time of h_beta (x) R_MTT, linear in MTT between the table's (exact for the box)."""
+        m = np.clip(mtt, self.MTTS[0], self.MTTS[-1] * 0.999)
+        m0 = np.clip(np.searchsorted(self.MTTS, m) - 1, 0, len(self.MTTS) - 2)
+        wm = (m - self.MTTS[m0]) / (self.MTTS[m0 + 1] - self.MTTS[m0])
+        return ((1 - wm) * self.residue_peaks[m0, beta_idx] + wm * self.residue_peaks[m0 + 1, beta_idx]).astype(np.float32)
 
     def peak_after_delay(self, mtt: np.ndarray, beta_idx: np.ndarray) -> np.ndarray:
         """Time from the delay to the tissue curve's peak (for the true TTP)."""
@@ -395,12 +435,16 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
     baseline white-matter SNR), ``lesion`` (True | False: a core or a healthy control),
     ``te_ms`` (MR), ``atlas``, ``compute_maps`` (bool, default True: run our deconvolution),
     ``dwi`` (CT only, bool, default False: add a b1000 DWI of the same subject and core on the
-    CT grid, the target of CTP -> DWI synthesis as in ISLES 2018; every other output unchanged).
+    CT grid, the target of CTP -> DWI synthesis as in ISLES 2018; every other output unchanged),
+    ``residue`` (one of ``RESIDUES``, default exponential: the tissue residue family; the others
+    test that the analysis does not rely on the generator's own model).
     """
     if modality not in MODALITIES:
         raise ValueError(f"perfusion phantom modality must be one of {MODALITIES}, got {modality!r}")
+    if overrides.get("residue", "exponential") not in RESIDUES:
+        raise ValueError(f"residue must be one of {RESIDUES}, got {overrides['residue']!r}")
     known = {"size", "spacing", "thickness", "frames", "dt", "tilt_deg", "motion", "noise", "lesion", "te_ms",
-             "atlas", "compute_maps", "dwi"}
+             "atlas", "compute_maps", "dwi", "residue"}
     unknown = set(overrides) - known
     if unknown:
         raise TypeError(f"simulate_perfusion got unknown overrides: {sorted(unknown)}")
@@ -540,7 +584,8 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
         te_s = float(overrides.get("te_ms") or (rk.uniform(25, 35) if field_t > 2 else rk.uniform(40, 50))) / 1000.0
         peak = float(rk.uniform(1.8, 2.6)) / te_s  # dR2* (1/s): full-blood voxels drop to 7-17% of S0
     aif, aif_info = arterial_input(tau, rk, peak)
-    table = KineticTable(aif, dtau)
+    residue = overrides.get("residue") or "exponential"
+    table = KineticTable(aif, dtau, residue)
     tissue_vox = tissue_f > 0.02
     idx = np.flatnonzero(tissue_vox)
     bidx = table.beta_index(beta.ravel()[idx])
@@ -651,7 +696,11 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
 
     # Truth on the series grid.
     tissue_truth = (tissue_f >= 0.5) & (vessel < 0.2)
-    tmax_true = np.where(tissue_vox, delay + residue_peak_time(mtt, beta), 0.0).astype(np.float32)
+    if residue == "exponential":  # closed form (and the nominal dispersion, not its 0.25 s table step)
+        tmax_true = np.where(tissue_vox, delay + residue_peak_time(mtt, beta), 0.0).astype(np.float32)
+    else:
+        tmax_true = np.zeros(ref.array.shape, np.float32)
+        tmax_true.ravel()[idx] = delay.ravel()[idx] + table.residue_peak_time(mtt.ravel()[idx], bidx)
     ttp_true = np.zeros(ref.array.shape, np.float32)
     ttp_true.ravel()[idx] = delay.ravel()[idx] + table.peak_after_delay(mtt.ravel()[idx], bidx)
     # The core is the lesion as the decision rule sees it on the noise-free truth: CT, true CBF
@@ -701,7 +750,7 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
                      "delay_max_s": round(delay_max, 3), "severity_length_mm": round(lam, 2), "collateral_floor": round(floor, 3),
                      "penumbra_cbf_factor": round(f_edge, 3), "penumbra_cbv_factor": round(g_pen, 3),
                      "core_cbf_fraction_of_healthy": round(f_core, 3), "core_cbv_factor": round(h_core, 3),
-                     "rho_g_ml": RHO, "kh": round(KH, 4)},
+                     "rho_g_ml": RHO, "kh": round(KH, 4), "residue": residue},
         "arterial_input": aif_info,
         "venous_output": {"delay_s": round(v_delay, 3), "transit_s": round(v_tau, 3)},
         "acquisition": acq_info,
