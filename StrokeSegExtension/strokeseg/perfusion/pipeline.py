@@ -272,7 +272,7 @@ def run_perfusion(
     if st.reference_gain:
         healthy, _ = healthy_reference(maps["tmax"].array, tissue, left, th)
         in_search = healthy[search]
-        if in_search.sum() >= 100:
+        if in_search.sum() >= 100:  # the mean curve needs many voxels to be clean enough for a low cut-off
             cutoff = float(np.median(dec.cutoff[in_search]))
             gain = reference_gain(smooth_u[:, in_search].mean(axis=1), inputs.aif.astype(np.float64), dt, cutoff, oi=st.oi)
     core, hypo, penumbra, decision = decide(maps["cbf"].array, maps["tmax"].array, tissue, left, geom.voxel_volume_ml,
