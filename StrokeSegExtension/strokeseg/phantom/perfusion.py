@@ -291,14 +291,13 @@ class KineticTable:
 
     def __init__(self, aif: np.ndarray, dtau: float, residue: str = "exponential"):
         self.dtau = dtau
-        self.residue = residue
         n = aif.size
         tau = np.arange(n) * dtau
-        self.dispersed = np.stack([_convolve(aif, _kernel(tau, b)) for b in self.BETAS])  # (B, n)
+        kernels = np.stack([_kernel(tau, b) for b in self.BETAS])  # (B, n)
+        self.dispersed = _convolve(aif[None, :], kernels)  # (B, n)
         res = residue_functions(tau, self.MTTS, residue)  # (M, n)
         self.table = (_convolve(self.dispersed[None, :, :], res[:, None, :]) * dtau).astype(np.float32)  # (M, B, n)
         # Peak time of the dispersed residue h_beta (x) R (the true Tmax after the delay), (M, B).
-        kernels = np.stack([_kernel(tau, b) for b in self.BETAS])
         self.residue_peaks = np.argmax(_convolve(kernels[None, :, :], res[:, None, :]), axis=-1) * dtau
 
     def beta_index(self, beta: np.ndarray) -> np.ndarray:
