@@ -413,6 +413,11 @@ def test_cli_phantom_bad_arguments_fail_before_simulating(modality, problem, wor
 
 def test_cli_phantom_residue_reaches_the_perfusion_generator(tmp_path, monkeypatch):
     import strokeseg.phantom.perfusion as pp
+    from strokeseg.cli import build_parser
+
+    # The parser lists the families literally (it must not import the simulator to start up).
+    phantom = next(a for a in build_parser()._subparsers._group_actions[0].choices["phantom"]._actions if a.dest == "residue")
+    assert tuple(phantom.choices) == pp.RESIDUES
 
     seen = {}
     monkeypatch.setattr(pp, "generate_perfusion_cases", lambda *a, **kw: seen.update(kw) or [])
