@@ -45,6 +45,7 @@ from strokeseg.phantom.perfusion import RESIDUES, simulate_perfusion
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LIBRARY = HERE.parent.parent / "shared" / "data" / "soop" / "lesions"
+FIRST_SEED = {"test": 5000, "val": 4000}  # seeds used by nothing else (tests and training draw their own)
 TARGETS = {"tmax_mae_s": 1.0, "spearman_rcbf": 0.9, "volume_rel": 0.15, "volume_abs_ml": 5.0, "fraction_within": 0.8}
 
 
@@ -89,6 +90,23 @@ def evaluate(case, result) -> dict:
         "grid": list(case.images[case.info["modality"]].array.shape),
         "run_s": round(result.report["timings"]["total_s"], 2),
     }
+
+
+def analyse(seed: int, modality: str, library: str | None, split: str, settings: PerfusionSettings | None = None,
+            **overrides) -> dict:
+    """Simulate one phantom (``overrides`` go to simulate_perfusion), run the pipeline on it as a user
+    would and evaluate it; a refused series gives a row with the reason, outside every tolerance."""
+    t0 = time.perf_counter()
+    case = simulate_perfusion(seed, modality, library, split, compute_maps=False, **overrides)
+    gen_s = round(time.perf_counter() - t0, 2)
+    try:
+        res = run_perfusion(case.images[modality], adc=case.images.get("adc"), settings=settings)
+    except InputError as exc:
+        return {"case": case.case_id, "refused": str(exc), "core_within": False, "hypo_within": False,
+                "motion_events": len(case.info.get("motion", [])), "generate_s": gen_s}
+    row = evaluate(case, res)
+    row["generate_s"] = gen_s
+    return row
 
 
 def summarise(all_rows: list[dict]) -> dict:
@@ -141,7 +159,7 @@ def main(argv=None) -> int:
         value = getattr(args, name)
         if value >= 0:
             setattr(settings, name, value if value > 0 else None)
-    seed0 = args.seed if args.seed is not None else (5000 if args.split == "test" else 4000)
+    seed0 = args.seed if args.seed is not None else FIRST_SEED[args.split]
 
     results: dict = {"engine_version": strokeseg.__version__, "targets": TARGETS, "split": args.split, "first_seed": seed0,
                      "lesion_library": args.lesion_library, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
@@ -152,24 +170,15 @@ def main(argv=None) -> int:
     for modality in args.modality:
         rows = []
         for k in range(args.count):
-            t0 = time.perf_counter()
-            case = simulate_perfusion(seed0 + k, modality, args.lesion_library, args.split, compute_maps=False,
-                                      residue=args.residue)
-            gen_s = time.perf_counter() - t0
-            try:
-                res = run_perfusion(case.images[modality], adc=case.images.get("adc"), settings=settings)
-            except InputError as exc:
-                rows.append({"case": case.case_id, "refused": str(exc), "core_within": False, "hypo_within": False,
-                             "motion_events": len(case.info.get("motion", [])), "generate_s": round(gen_s, 2)})
-                print(f"{modality} {case.case_id}: refused: {exc}", flush=True)
-                continue
-            row = evaluate(case, res)
-            row["generate_s"] = round(gen_s, 2)
+            row = analyse(seed0 + k, modality, args.lesion_library, args.split, settings, residue=args.residue)
             rows.append(row)
+            if "refused" in row:
+                print(f"{modality} {row['case']}: refused: {row['refused']}", flush=True)
+                continue
             print(f"{modality} {row['case']}: Tmax MAE {row['tmax_mae_s']:.2f} s, rho {row['spearman_rcbf']:.3f} "
                   f"({row['spearman_rcbf_analysis_resolution']:.3f} at analysis resolution), "
                   f"core {row['core_ml']:.1f}/{row['core_true_ml']:.1f} mL, Tmax>6 {row['hypo_ml']:.1f}/{row['hypo_true_ml']:.1f} mL, "
-                  f"AIF in artery {row['aif_in_artery_fraction']:.2f}, gen {gen_s:.1f} s, run {row['run_s']:.1f} s", flush=True)
+                  f"AIF in artery {row['aif_in_artery_fraction']:.2f}, gen {row['generate_s']:.1f} s, run {row['run_s']:.1f} s", flush=True)
         summary = summarise(rows)
         results["modalities"][modality] = {"summary": summary, "cases": rows}
         print(f"{modality}: {json.dumps(summary)}")

@@ -26,25 +26,13 @@ from pathlib import Path
 import numpy as np
 
 import strokeseg
-from strokeseg.errors import InputError
-from strokeseg.perfusion import run_perfusion
-from strokeseg.phantom.perfusion import simulate_perfusion
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from perfusion_accuracy import DEFAULT_LIBRARY, TARGETS, evaluate, summarise  # noqa: E402
+from perfusion_accuracy import DEFAULT_LIBRARY, FIRST_SEED, TARGETS, analyse, summarise  # noqa: E402
 
 # Ideal acquisition per modality: ``noise`` is CT's HU SD per voxel and MR's white-matter SNR.
 IDEAL = {"ctp": {"noise": 1e-3, "motion": False}, "pwi": {"noise": 1e5, "motion": False}}
-
-
-def analyse(seed: int, modality: str, library: str | None, split: str, **overrides) -> dict:
-    case = simulate_perfusion(seed, modality, library, split, compute_maps=False, **overrides)
-    try:
-        result = run_perfusion(case.images[modality], adc=case.images.get("adc"))
-    except InputError as exc:
-        return {"case": case.case_id, "refused": str(exc), "core_within": False, "hypo_within": False}
-    return evaluate(case, result)
 
 
 def plot(rows: dict[str, list[tuple[dict, dict]]], path: Path) -> None:
@@ -85,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/perfusion_noise_attribution_<split>.json)")
     args = ap.parse_args(argv)
     out = Path(args.out or HERE / "results" / f"perfusion_noise_attribution_{args.split}.json")
-    seed0 = 5000 if args.split == "test" else 4000  # the seeds of perfusion_accuracy.py
+    seed0 = FIRST_SEED[args.split]
 
     results: dict = {"engine_version": strokeseg.__version__, "split": args.split, "first_seed": seed0,
                      "ideal_acquisition": IDEAL, "date": time.strftime("%Y-%m-%d %H:%M"), "modalities": {}}
