@@ -13,6 +13,8 @@ of a sequence browser, or a multi-component MultiVolume node (frame labels in it
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +23,7 @@ import slicer
 import vtk
 
 from strokeseg.errors import InputError
-from strokeseg.io import nifti_file_meta
+from strokeseg.io import nifti_file_meta, slice_spacing_problem
 from strokeseg.image import Image
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -123,6 +125,10 @@ def node_meta(node: Any, file_for_instance: Callable[[str], str] | None = None) 
             if value not in (None, ""):
                 meta[key] = str(value)
         meta["dicom_files"] = files
+        if not _modified_since_read(node):
+            problem = _dicom_slice_problem(files)
+            if problem:
+                meta["placement_problem"] = problem
     storage = node.GetStorageNode()
     if storage is not None and storage.GetFileName():
         meta["source"] = storage.GetFileName()
@@ -131,6 +137,39 @@ def node_meta(node: Any, file_for_instance: Callable[[str], str] | None = None) 
             # where FSL takes the sform: what the file really holds decides (check_volume refuses)
             meta.update(nifti_file_meta(meta["source"]))
     return meta
+
+
+def _modified_since_read(node: Any) -> bool:
+    storage = node.GetStorageNode()
+    return storage is not None and bool(node.GetModifiedSinceRead())
+
+
+def _dicom_slice_problem(files: list[str]) -> str | None:
+    try:
+        key = tuple((f, os.stat(f).st_mtime_ns) for f in files)
+    except OSError:
+        return None
+    return _cached_slice_problem(key)
+
+
+@functools.lru_cache(maxsize=16)  # the module asks on every detection; a series' headers are read once
+def _cached_slice_problem(key: tuple[tuple[str, int], ...]) -> str | None:
+    """The engine's uneven-slice check (``strokeseg.io.slice_spacing_problem``) on the source files
+    of a volume Slicer loaded from DICOM. Slicer stacks such a series with one averaged spacing
+    unless its acquisition-geometry regularisation is on; a volume whose voxels were resampled
+    since (the regularisation transform hardened) no longer matches the files and is not checked."""
+    import pydicom
+
+    try:
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f, _mtime in key]
+        pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+        iop = np.array([float(v) for v in headers[0].ImageOrientationPatient])
+    except (AttributeError, OSError, TypeError, ValueError, pydicom.errors.InvalidDicomError):
+        return None  # no slice geometry in the headers (secondary capture): nothing to check
+    problem = slice_spacing_problem(pos, np.cross(iop[:3], iop[3:]))
+    if problem and problem.startswith("slices are not evenly spaced"):
+        problem += " (in Slicer: turn on DICOM acquisition geometry regularization and harden its transform)"
+    return problem
 
 
 def image_from_volume(node: Any, *, file_for_instance: Callable[[str], str] | None = None, copy: bool = True) -> Image:

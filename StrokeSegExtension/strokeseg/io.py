@@ -62,20 +62,18 @@ def strip_suffix(path: str | Path) -> str:
     return name[: len(name) - len(suf)] if suf else name
 
 
-def _slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image, n: int) -> str | None:
-    """ITK stacks a series whose slices are unevenly spaced (a missing file, two volumes in one
-    series) with one averaged spacing and only a console warning, which moves part of the volume
-    by millimetres; the slice positions along the normal must step evenly instead."""
-    if n < 3:
+def slice_spacing_problem(positions: np.ndarray, normal: np.ndarray) -> str | None:
+    """What is wrong with the slice positions of a DICOM series (ImagePositionPatient per file,
+    (n, 3) mm, in any order) along the slice ``normal``, or None when they step evenly.
+
+    ITK, and Slicer's DICOM loading without its acquisition-geometry regularisation, stack a
+    series whose slices are unevenly spaced (a missing file, two volumes in one series) with one
+    averaged spacing and only a console warning, which moves part of the volume by millimetres."""
+    pos = np.asarray(positions, dtype=float)
+    n = pos.shape[0]
+    if n < 3 or pos.shape != (n, 3):
         return None
-    try:
-        pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
-    except (RuntimeError, ValueError):  # no ImagePositionPatient (secondary capture): nothing to check
-        return None
-    if pos.shape != (n, 3):
-        return None
-    normal = np.asarray(img.GetDirection()).reshape(3, 3)[:, 2]
-    along = pos @ normal
+    along = np.sort(pos @ np.asarray(normal, dtype=float))
     steps = np.diff(along)
     step = float(np.median(steps))
     if np.unique(np.round(along, 2)).size < n:
@@ -86,6 +84,14 @@ def _slice_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image, n: i
         return (f"slices are not evenly spaced (step {abs(step):.2f} mm, but {abs(steps[k]):.2f} mm after slice "
                 f"{k + 1} of {n}): a missing slice?")
     return None
+
+
+def _series_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image, n: int) -> str | None:
+    try:
+        pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+    except (RuntimeError, ValueError):  # no ImagePositionPatient (secondary capture): nothing to check
+        return None
+    return slice_spacing_problem(pos, np.asarray(img.GetDirection()).reshape(3, 3)[:, 2])
 
 
 def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict[str, Any]]:
@@ -100,7 +106,7 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict[str, Any]]:
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
     img = reader.Execute()
-    problem = _slice_spacing_problem(reader, img, len(files))
+    problem = _series_spacing_problem(reader, img, len(files))
     if problem:
         raise InputError(folder, problem)
     meta: dict[str, Any] = {"dicom_files": [str(f) for f in files]}

@@ -109,6 +109,24 @@ def test_dicom_series_loads_like_slicers_dicom_plugin(ctx, tmp_path):
     assert uids == [pydicom.dcmread(f).SOPInstanceUID for f in files]
 
 
+def test_dicom_series_with_a_missing_slice_is_refused_until_resampled(ctx, tmp_path):
+    """Slicer stacks unevenly spaced DICOM slices with one averaged spacing (its geometry
+    regularisation off): the engine's uneven-slice check runs on the node's source files too."""
+    from strokeseg.io import check_volume
+
+    files = write_dicom_series(oblique_image(4, shape=(8, 10, 12)), tmp_path / "dwi", series_description="dwi b1000")
+    del files[3]  # a file lost in the transfer: slices 3 and 5 now 2 steps apart
+    node = ctx.load_dicom_series(files)
+    image = image_from_volume(node)
+    assert image.array.shape[0] == 7
+    with pytest.raises(InputError, match="not evenly spaced.*after slice 3 of 7.*regularization"):
+        check_volume(image, node.GetName())
+    # Resampled since it was read (e.g. the regularisation transform hardened): no longer the files' geometry.
+    node.GetImageData().Modified()
+    assert node.GetModifiedSinceRead()
+    assert "placement_problem" not in image_from_volume(node).meta
+
+
 def _sequence(ctx, frames: int = 4, unit: str = "s", shift_frame: int | None = None):
     base = oblique_image(5, shape=(4, 12, 16))
     sequence = ctx.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "ctp series")
