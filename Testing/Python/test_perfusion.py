@@ -522,6 +522,11 @@ def test_missing_and_non_monotonic_times(small_ct, tmp_path):
         run_perfusion(bad)
     with pytest.raises(InputError, match="implausible frame interval"):
         load_series(path, dt=1500.0)
+    img.header["pixdim"][4] = -1.5  # a negative step: refused, not taken as unset or as 1.5 s
+    nib.save(img, str(path))
+    with pytest.raises(InputError, match=r"ctp.nii.gz: the header's frame interval is negative \(-1.5\)"):
+        load_series(path)
+    assert load_series(path, dt=1.5).meta["times"][-1] == pytest.approx(1.5 * (series.array.shape[0] - 1))
 
 
 def test_nan_in_a_nifti_series(small_ct, tmp_path):

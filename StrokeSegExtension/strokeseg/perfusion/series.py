@@ -29,8 +29,11 @@ def _nifti_time_step(path: Path) -> float | None:
 
     hdr = nib.load(str(path)).header
     step = float(hdr["pixdim"][4])
-    if not np.isfinite(step) or step <= 0:
+    if not np.isfinite(step) or step == 0:
         return None
+    if step < 0:  # not a NIfTI convention for time: a writer's bug, or frames stored last-first
+        raise InputError(path, f"the header's frame interval is negative ({step:g}); give --dt or --times "
+                               "(frames stored in reverse time order must be reordered first)")
     unit = hdr.get_xyzt_units()[1]
     return step / 1000.0 if unit == "msec" else step / 1e6 if unit == "usec" else step
 
@@ -70,7 +73,7 @@ def load_series(path: str | Path, *, times: Sequence[float] | None = None, dt: f
         series = _read_vector_nrrd(path)
     else:
         series = read_image(path)
-        if series.is_4d and image_suffix(path) in (".nii", ".nii.gz"):
+        if series.is_4d and image_suffix(path) in (".nii", ".nii.gz") and times is None and dt is None:
             step = _nifti_time_step(path)
             if step is None:
                 series.meta.pop("times", None)  # SimpleITK's 1 s is invented, not read
