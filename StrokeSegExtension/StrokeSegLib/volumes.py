@@ -125,7 +125,9 @@ def node_meta(node: Any, file_for_instance: Callable[[str], str] | None = None) 
             if value not in (None, ""):
                 meta[key] = str(value)
         meta["dicom_files"] = files
-        if not _modified_since_read(node):
+        image_data = node.GetImageData()
+        one_file_per_slice = image_data is not None and image_data.GetDimensions()[2] == len(files)  # not 4D / multi-frame
+        if one_file_per_slice and not _modified_since_read(node):
             problem = _dicom_slice_problem(files)
             if problem:
                 meta["placement_problem"] = problem

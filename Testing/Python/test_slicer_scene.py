@@ -103,6 +103,7 @@ def test_dicom_series_loads_like_slicers_dicom_plugin(ctx, tmp_path):
     assert loaded.meta["series_description"] == "ep2d_diff_TRACEW b1000"
     assert float(loaded.meta["b_value"]) == 1000.0
     assert [str(p) for p in files] == dicom_files(node)
+    assert "placement_problem" not in loaded.meta  # evenly spaced slices
     import pydicom
 
     uids = node.GetAttribute("DICOM.instanceUIDs").split()
