@@ -115,6 +115,8 @@ def _is_dicom(path: str) -> bool:
 def node_meta(node: Any, file_for_instance: Callable[[str], str] | None = None) -> dict[str, Any]:
     """Image.meta for a node: its name and, for DICOM-loaded volumes, the series header fields."""
     meta: dict[str, Any] = {"name": node.GetName() or "", "node_id": node.GetID()}
+    storage = node.GetStorageNode()
+    as_read = storage is None or not node.GetModifiedSinceRead()  # voxels still those of the source files
     files = dicom_files(node, file_for_instance)
     if files:
         import pydicom
@@ -127,23 +129,17 @@ def node_meta(node: Any, file_for_instance: Callable[[str], str] | None = None) 
         meta["dicom_files"] = files
         image_data = node.GetImageData()
         one_file_per_slice = image_data is not None and image_data.GetDimensions()[2] == len(files)  # not 4D / multi-frame
-        if one_file_per_slice and not _modified_since_read(node):
+        if one_file_per_slice and as_read:
             problem = _dicom_slice_problem(files)
             if problem:
                 meta["placement_problem"] = problem
-    storage = node.GetStorageNode()
     if storage is not None and storage.GetFileName():
         meta["source"] = storage.GetFileName()
-        if not node.GetModifiedSinceRead():
+        if as_read:
             # Slicer reads NIfTI through ITK, which turns NaN/Inf into 0 and may take the qform
             # where FSL takes the sform: what the file really holds decides (check_volume refuses)
             meta.update(nifti_file_meta(meta["source"]))
     return meta
-
-
-def _modified_since_read(node: Any) -> bool:
-    storage = node.GetStorageNode()
-    return storage is not None and bool(node.GetModifiedSinceRead())
 
 
 def _dicom_slice_problem(files: list[str]) -> str | None:
