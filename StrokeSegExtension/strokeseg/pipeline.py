@@ -22,7 +22,7 @@ from .errors import InputError
 from .image import Image
 from .inference import predict, resolve_device
 from .io import check_overwrite, staged_outputs, write_image, write_text
-from .modality import find_case_inputs, in_standard_units, load_inputs, require_inputs
+from .modality import find_case_inputs, load_inputs, require_inputs
 from .models import ModelCard, choose_model, get_card, load_model
 from .postprocess import PostprocessSettings, postprocess
 from .preprocess import prepare, to_reference
@@ -127,7 +127,6 @@ def segment_images(
     timings: dict[str, float] = {}
 
     report_progress(0.0, "preparing inputs")
-    images = {k: in_standard_units(k, im) for k, im in images.items()}
     _check_coverage(images, card.family)
     prepared = prepare(images, card, b_value=b_value)
     timings["preprocess_s"] = time.perf_counter() - t0
@@ -159,8 +158,7 @@ def segment_images(
                   "min_lesion_ml": settings.min_lesion_ml, "fill_holes": settings.fill_holes},
         timings={k: round(v, 4) for k, v in timings.items()},
     )
-    rescaled = {k: f"{im.meta['rescaled_from']} -> {'1e-6 mm²/s' if k == 'adc' else 's'}"
-                for k, im in images.items() if "rescaled_from" in im.meta}
+    rescaled = {k: f"{unit} -> {'1e-6 mm²/s' if k == 'adc' else 's'}" for k, unit in prepared.rescaled.items()}
     if rescaled:
         report["inputs_rescaled"] = rescaled
     report_progress(1.0, "done")

@@ -11,7 +11,7 @@ The probability map comes back onto the reference grid by :func:`to_reference`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,6 +19,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .image import Image, grid_with_spacing, resample_to
+from .modality import in_standard_units
 
 DEFAULT_B_VALUE = 1000.0
 ADC_SCALE = 1e6  # ADC maps are stored in 10^-6 mm^2/s, as scanners write them
@@ -33,6 +34,7 @@ class ModelInput:
     model_grid: Image
     reference: Image
     channels: tuple[str, ...]
+    rescaled: dict[str, str] = field(default_factory=dict)  # input key -> the unit it was converted from
 
 
 def _b_value(dwi: Image, b_value: float | None) -> float:
@@ -159,7 +161,13 @@ def normalise(array: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
 
 
 def prepare(images: Mapping[str, Image], card: Any, *, b_value: float | None = None) -> ModelInput:
-    """Inputs of one case -> the network's input on the model grid, as the card prescribes."""
+    """Inputs of one case -> the network's input on the model grid, as the card prescribes.
+
+    Inputs are brought to the units models are trained in first (ADC 1e-6 mm²/s, time maps in s:
+    ``modality.in_standard_units``), here, so that inference, training caches, tuning and
+    evaluation cannot disagree on them."""
+    images = {k: in_standard_units(k, im) for k, im in images.items()}
+    rescaled = {k: im.meta["rescaled_from"] for k, im in images.items() if "rescaled_from" in im.meta}
     images = derive_missing(images, card, b_value)
     channels = tuple(card.required) + tuple(k for k in card.optional if k in images)
     reference = images[card.reference_input]
@@ -187,7 +195,7 @@ def prepare(images: Mapping[str, Image], card: Any, *, b_value: float | None = N
         extra = derive_channels(dict(zip(channels, arrays)), grid, card.raw["derived_channels"])
         arrays += list(extra.values())
         channels += tuple(extra)
-    return ModelInput(np.stack(arrays), grid, reference, channels)
+    return ModelInput(np.stack(arrays), grid, reference, channels, rescaled)
 
 
 def to_reference(array: np.ndarray, model_grid: Image, reference: Image, *, linear: bool = True) -> Image:

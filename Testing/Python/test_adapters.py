@@ -18,7 +18,7 @@ from strokeseg.io import read_image, write_image
 from strokeseg.modality import find_case_inputs
 from strokeseg.models import ModelCard, build_network, load_model, save_weights
 from strokeseg_training.adapters import ADAPTERS, discover, get_adapter
-from strokeseg_training.config import load_config
+from strokeseg_training.config import card_of, load_config
 from strokeseg_training.data import load_volumes
 from strokeseg_training.folds import (Fold, fold_config, fold_ensemble_weights, fold_weight_files, holdout_split,
                                       kfold_splits, run_folds, summarise_folds, volume_strata)
@@ -418,11 +418,23 @@ def test_real_data_in_other_units_trains_on_the_same_inputs(tmp_path, phantom_is
     for adc in other.glob("rawdata/*/*/dwi/*_adc.nii.gz"):
         im = read_image(adc)
         write_image(Image(im.array.astype(np.float32) * 1e-6, im.spacing, im.origin, im.direction), adc)
-    a = load_volumes(build_real_split(_real_cfg(tmp_path / "a", root), "val", workers=1)[0])
-    b = load_volumes(build_real_split(_real_cfg(tmp_path / "b", other), "val", workers=1)[0])
+    cfg_a, cfg_b = _real_cfg(tmp_path / "a", root), _real_cfg(tmp_path / "b", other)
+    (npz_a, cases_a), (npz_b, cases_b) = build_real_split(cfg_a, "val", workers=1), build_real_split(cfg_b, "val", workers=1)
+    a, b = load_volumes(npz_a), load_volumes(npz_b)
     assert len(a) == len(b) == 2
     for va, vb in zip(a, b):
         np.testing.assert_allclose(vb.image.astype(np.float32), va.image.astype(np.float32), atol=2e-2)
+    # Tuning and evaluation read the linked originals from the case folders: the same inputs too
+    # (before, they saw the ADC in mm²/s as it was and tuned the post-processing on garbage).
+    from strokeseg_training.evaluate import case_probabilities
+
+    card = card_of(cfg_a)
+    torch.manual_seed(0)
+    net = build_network(card).eval()
+    folders = lambda root: sorted(p for p in root.iterdir() if p.is_dir())  # noqa: E731
+    pa, pb = case_probabilities(folders(cases_a), [net], card), case_probabilities(folders(cases_b), [net], card)
+    for qa, qb in zip(pa, pb):
+        np.testing.assert_allclose(qb.probability.array, qa.probability.array, atol=2e-3)
 
 
 def test_real_data_skips_unusable_cases_and_phantom_folders(tmp_path, phantom_isles22):

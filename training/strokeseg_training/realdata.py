@@ -41,7 +41,7 @@ from strokeseg.errors import InputError
 from strokeseg.image import Image
 from strokeseg.io import image_suffix, read_image, write_image, write_text
 from strokeseg.metrics import json_safe
-from strokeseg.modality import in_standard_units, load_inputs
+from strokeseg.modality import load_inputs
 from strokeseg.preprocess import check_overlap, prepare
 
 from .adapters import Case, discover, get_adapter
@@ -220,9 +220,7 @@ def _prepare_one(cfg: dict[str, Any], case: Case, npz_dir: str, cases_dir: str) 
     card = card_of(cfg)
     wanted = set(card.required) | set(card.optional) | {s for srcs in card.derivable.values() for s in srcs}
     files = {k: p for k, p in case.inputs.items() if k in wanted}
-    # ADC in mm²/s and time maps in ms (FSL, MRtrix, some vendors) in the engine's units, as at inference
-    images = {k: in_standard_units(k, im) for k, im in load_inputs(files).items()}
-    prepared = prepare(images, card)
+    prepared = prepare(load_inputs(files), card)  # in the engine's units (ADC in mm²/s, maps in ms: converted)
     label_name = _label_name(cfg)
     truth = {label_name: read_label(case, label_name)}
     truth.update({n: read_label(case, n) for n in ("core", "penumbra") if n in case.labels and n != label_name})
