@@ -165,9 +165,11 @@ def _cached_slice_problem(key: tuple[tuple[str, int], ...]) -> str | None:
     except (AttributeError, OSError, TypeError, ValueError, pydicom.errors.InvalidDicomError):
         return None  # no slice geometry in the headers (secondary capture): nothing to check
     problem = slice_spacing_problem(pos, np.cross(iop[:3], iop[3:]))
-    if problem and problem.startswith("slices are not evenly spaced"):
-        problem += " (in Slicer: turn on DICOM acquisition geometry regularization and harden its transform)"
-    return problem
+    if problem is None:
+        return None
+    if problem.kind == "uneven":
+        return problem.message + " (in Slicer: turn on DICOM acquisition geometry regularization and harden its transform)"
+    return problem.message
 
 
 def image_from_volume(node: Any, *, file_for_instance: Callable[[str], str] | None = None, copy: bool = True) -> Image:

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -62,7 +62,12 @@ def strip_suffix(path: str | Path) -> str:
     return name[: len(name) - len(suf)] if suf else name
 
 
-def slice_spacing_problem(positions: np.ndarray, normal: np.ndarray) -> str | None:
+class SliceSpacingProblem(NamedTuple):
+    kind: str  # "repeated" (several volumes in one series) or "uneven" (e.g. a missing slice)
+    message: str
+
+
+def slice_spacing_problem(positions: np.ndarray, normal: np.ndarray) -> SliceSpacingProblem | None:
     """What is wrong with the slice positions of a DICOM series (ImagePositionPatient per file,
     (n, 3) mm, in any order) along the slice ``normal``, or None when they step evenly.
 
@@ -77,12 +82,12 @@ def slice_spacing_problem(positions: np.ndarray, normal: np.ndarray) -> str | No
     steps = np.diff(along)
     step = float(np.median(steps))
     if np.unique(np.round(along, 2)).size < n:
-        return (f"{n} images but repeated slice positions: several volumes in one series (b-values, echoes or "
-                "time points?); export one volume per folder")
+        return SliceSpacingProblem("repeated", f"{n} images but repeated slice positions: several volumes in one series "
+                                   "(b-values, echoes or time points?); export one volume per folder")
     k = int(np.argmax(np.abs(steps - step)))
     if abs(steps[k] - step) > max(0.1 * abs(step), 0.05):
-        return (f"slices are not evenly spaced (step {abs(step):.2f} mm, but {abs(steps[k]):.2f} mm after slice "
-                f"{k + 1} of {n}): a missing slice?")
+        return SliceSpacingProblem("uneven", f"slices are not evenly spaced (step {abs(step):.2f} mm, but "
+                                   f"{abs(steps[k]):.2f} mm after slice {k + 1} of {n}): a missing slice?")
     return None
 
 
@@ -91,7 +96,8 @@ def _series_spacing_problem(reader: sitk.ImageSeriesReader, img: sitk.Image, n: 
         pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
     except (RuntimeError, ValueError):  # no ImagePositionPatient (secondary capture): nothing to check
         return None
-    return slice_spacing_problem(pos, np.asarray(img.GetDirection()).reshape(3, 3)[:, 2])
+    problem = slice_spacing_problem(pos, np.asarray(img.GetDirection()).reshape(3, 3)[:, 2])
+    return problem.message if problem else None
 
 
 def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict[str, Any]]:
