@@ -128,9 +128,10 @@ def node_meta(node: Any, file_for_instance: Callable[[str], str] | None = None) 
                 meta[key] = str(value)
         meta["dicom_files"] = files
         image_data = node.GetImageData()
-        one_file_per_slice = image_data is not None and image_data.GetDimensions()[2] == len(files)  # not 4D / multi-frame
-        if one_file_per_slice and as_read:
-            problem = _dicom_slice_problem(files)
+        n_slices = image_data.GetDimensions()[2] if image_data is not None else 0
+        # One file per slice, or per slice and frame (4D); a multi-frame file holds all slices: no check.
+        if as_read and n_slices and len(files) % n_slices == 0:
+            problem = _dicom_slice_problem(files, len(files) // n_slices)
             if problem:
                 meta["placement_problem"] = problem
     if storage is not None and storage.GetFileName():
@@ -142,20 +143,21 @@ def node_meta(node: Any, file_for_instance: Callable[[str], str] | None = None) 
     return meta
 
 
-def _dicom_slice_problem(files: list[str]) -> str | None:
+def _dicom_slice_problem(files: list[str], frames: int = 1) -> str | None:
     try:
         key = tuple((f, os.stat(f).st_mtime_ns) for f in files)
     except OSError:
         return None
-    return _cached_slice_problem(key)
+    return _cached_slice_problem(key, frames)
 
 
 @functools.lru_cache(maxsize=16)  # the module asks on every detection; a series' headers are read once
-def _cached_slice_problem(key: tuple[tuple[str, int], ...]) -> str | None:
+def _cached_slice_problem(key: tuple[tuple[str, int], ...], frames: int) -> str | None:
     """The engine's uneven-slice check (``strokeseg.io.slice_spacing_problem``) on the source files
     of a volume Slicer loaded from DICOM. Slicer stacks such a series with one averaged spacing
     unless its acquisition-geometry regularisation is on; a volume whose voxels were resampled
-    since (the regularisation transform hardened) no longer matches the files and is not checked."""
+    since (the regularisation transform hardened) no longer matches the files and is not checked.
+    A 4D volume's files (``frames`` per slice position) are checked on their distinct positions."""
     import pydicom
 
     try:
@@ -164,6 +166,10 @@ def _cached_slice_problem(key: tuple[tuple[str, int], ...]) -> str | None:
         iop = np.array([float(v) for v in headers[0].ImageOrientationPatient])
     except (AttributeError, OSError, TypeError, ValueError, pydicom.errors.InvalidDicomError):
         return None  # no slice geometry in the headers (secondary capture): nothing to check
+    if frames > 1:
+        pos, counts = np.unique(np.round(pos, 2), axis=0, return_counts=True)
+        if np.any(counts != frames):
+            return None  # not the same slice stack in every frame: not something this check can judge
     problem = slice_spacing_problem(pos, np.cross(iop[:3], iop[3:]))
     if problem is None:
         return None

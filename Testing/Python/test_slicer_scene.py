@@ -128,6 +128,33 @@ def test_dicom_series_with_a_missing_slice_is_refused_until_resampled(ctx, tmp_p
     assert "placement_problem" not in image_from_volume(node).meta
 
 
+def test_4d_dicom_node_is_checked_on_its_distinct_slice_positions(ctx, tmp_path):
+    """A 4D node's source files repeat every slice position once per frame (MultiVolume from DICOM):
+    the uneven-slice check runs on the distinct positions, and a stack missing a slice is refused."""
+    import pydicom
+
+    from StrokeSegLib.volumes import node_meta
+
+    base = oblique_image(7, shape=(6, 10, 12))
+    frames = [write_dicom_series(base.with_array(base.array * (t + 1)), tmp_path / f"t{t}", series_description=f"ctp t{t}")
+              for t in range(3)]
+    for files in frames:
+        del files[2]  # the same slice lost from every frame: 5 slices, one gap
+    by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): str(f) for files in frames for f in files}
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "ctp multivolume")
+    slicer.util.updateVolumeFromArray(node, np.zeros((5, 10, 12, 3), np.float32))
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(by_uid))
+    assert "placement_problem" not in node_meta(node)  # no way to find the files: nothing to check
+    meta = node_meta(node, file_for_instance=by_uid.get)
+    assert len(meta["dicom_files"]) == 15
+    assert "not evenly spaced" in meta["placement_problem"] and "after slice 2 of 5" in meta["placement_problem"]
+    # Frames whose slice stacks differ are not something this check can judge.
+    del by_uid[next(iter(by_uid))]
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(by_uid))
+    slicer.util.updateVolumeFromArray(node, np.zeros((7, 10, 12, 2), np.float32))
+    assert "placement_problem" not in node_meta(node, file_for_instance=by_uid.get)
+
+
 def _sequence(ctx, frames: int = 4, unit: str = "s", shift_frame: int | None = None):
     base = oblique_image(5, shape=(4, 12, 16))
     sequence = ctx.scene.AddNewNodeByClass("vtkMRMLSequenceNode", "ctp series")
