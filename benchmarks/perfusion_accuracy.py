@@ -12,6 +12,8 @@ truth:
 * volumes: core and hypoperfusion (Tmax > 6 s, core included) within 15% or 5 mL of the truth;
   target: in >= 80% of cases each.
 * arterial input: whether the chosen voxels lie in a simulated artery.
+* the core's agreement at the report's further rCBF thresholds (``core_ml_by_rcbf``): how much
+  of the core's miss is where the threshold falls rather than the maps.
 
 A series the pipeline refuses (InputError, e.g. motion beyond correction) is listed with its
 reason and counts as outside the volume tolerance.
@@ -84,6 +86,7 @@ def evaluate(case, result) -> dict:
         "spearman_rcbf": round(rho, 4),
         "spearman_rcbf_analysis_resolution": round(rho_res, 4),
         "core_true_ml": round(core_t, 2), "core_ml": round(core_p, 2), "core_within": within(core_p, core_t),
+        "core_within_by_rcbf": {k: within(v, core_t) for k, v in (result.report.get("core_ml_by_rcbf") or {}).items()},
         "hypo_true_ml": round(hypo_t, 2), "hypo_ml": round(hypo_p, 2), "hypo_within": within(hypo_p, hypo_t),
         "aif_in_artery_fraction": round(float(np.mean(in_artery)), 3),
         "motion_events": len(case.info.get("motion", [])),
@@ -127,6 +130,12 @@ def summarise(all_rows: list[dict]) -> dict:
         "hypo_within_fraction": round(float(hypo), 3),
         "aif_in_artery_fraction": round(float(np.mean([r["aif_in_artery_fraction"] for r in rows])), 3),
     }
+    # How the core's agreement moves with the rCBF threshold (the report's further thresholds):
+    # a refused case counts as outside, as above.
+    keys = sorted({k for r in rows for k in r.get("core_within_by_rcbf", {})}, key=float)
+    if keys:
+        out["core_within_fraction_by_rcbf"] = {
+            k: round(float(np.mean([r.get("core_within_by_rcbf", {}).get(k, False) for r in all_rows])), 3) for k in keys}
     out["targets_met"] = {
         "tmax": out["tmax_mae_s_median"] <= TARGETS["tmax_mae_s"],
         "rcbf": out["spearman_rcbf_median"] >= TARGETS["spearman_rcbf"],

@@ -139,6 +139,10 @@ def perfusion_rows(report: Mapping[str, Any]) -> list[list[str]]:
     th = report.get("thresholds") or {}
     if "core_method" in report:
         rows.append(["Core", str(report["core_method"]), ""])
+    by_rcbf = report.get("core_ml_by_rcbf") or {}
+    if len(by_rcbf) > 1:  # the computed core at neighbouring rCBF thresholds: how firm the volume is
+        for key, value in by_rcbf.items():
+            rows.append([f"Core at rCBF < {100 * float(key):g}% (computed)", _format(value), "mL"])
     if "hypoperfusion_method" in report:
         rows.append(["Hypoperfusion", str(report["hypoperfusion_method"]), ""])
     if "tmax_severe_s" in th:

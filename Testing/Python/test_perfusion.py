@@ -460,6 +460,33 @@ def test_decision_volumes_on_synthetic_maps():
         decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=Thresholds(tmax_hypo_s=-1))
 
 
+def test_core_volume_is_reported_at_further_rcbf_thresholds():
+    """Nested flow levels: rCBF 0.1 (200 voxels), 0.25 (+200), 0.36 (+200) in a hypoperfused
+    block; each further threshold counts the levels below it, the chosen one is the core."""
+    shape = (4, 40, 40)
+    tissue = np.ones(shape, bool)
+    left = hemispheres(shape, Image(np.zeros(shape, np.uint8), (2.0, 2.0, 5.0)).index_to_physical, tissue)
+    cbf = np.full(shape, 50.0, np.float32)
+    tmax = np.full(shape, 1.0, np.float32)
+    tmax[:, 5:35, 22:38] = 9.0
+    cbf[:, 10:15, 25:35] = 5.0  # rCBF 0.10: 4 x 5 x 10 = 200 voxels = 4 mL
+    cbf[:, 15:20, 25:35] = 12.5  # 0.25
+    cbf[:, 20:25, 25:35] = 18.0  # 0.36
+    th = Thresholds(core_median_voxels=1, core_rcbf_also=(0.38, 0.2, 0.05))
+    core, _, _, rep = decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=th)
+    assert rep["core_ml"] == pytest.approx(8.0)
+    assert rep["core_ml_by_rcbf"] == {"0.05": 0.0, "0.2": 4.0, "0.3": 8.0, "0.38": 12.0}
+    assert list(rep["core_ml_by_rcbf"]) == ["0.05", "0.2", "0.3", "0.38"]  # ascending, whatever the order given
+    # An ADC core has no rCBF neighbours; none asked for, only the chosen threshold.
+    adc = np.full(shape, 800.0, np.float32)
+    assert decide(cbf, tmax, tissue, left, 0.02, kind="mr", adc=adc)[3]["core_ml_by_rcbf"] == {}
+    _, _, _, none = decide(cbf, tmax, tissue, left, 0.02, kind="ct", thresholds=Thresholds(core_median_voxels=1, core_rcbf_also=()))
+    assert none["core_ml_by_rcbf"] == {"0.3": 8.0}
+    for bad in ((0.0,), (1.0,), (float("nan"),), ("0.2",)):
+        with pytest.raises(ValueError, match="core_rcbf_also"):
+            Thresholds(core_rcbf_also=bad).validate()
+
+
 def test_ct_core_rcbf_is_median_filtered_in_plane():
     """Single noisy voxels do not flip across the rCBF line: a high voxel inside the core stays
     core, a low voxel in the penumbra stays penumbra; a round core keeps its volume."""
@@ -621,6 +648,24 @@ def test_cli_core_median_option_reaches_the_engine(small_ct, tmp_path):
     with pytest.raises(InputError, match="core_median_voxels must be an odd"):
         args.func(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_core_rcbf_also_option(small_ct, tmp_path, capsys):
+    parser = _perfusion_parser()
+    series = tmp_path / "ctp.nii.gz"
+    write_image(small_ct.images["ctp"], series)
+    out = tmp_path / "out"
+    args = parser.parse_args(["perfusion", str(series), "--out", str(out), "-q", "--core-rcbf-also", "0.4,0.2"])
+    assert args.func(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["core_ml_by_rcbf"]) == ["0.2", "0.3", "0.4"]
+    assert report["core_ml_by_rcbf"]["0.3"] == report["core_ml"]
+    assert report["core_ml_by_rcbf"]["0.2"] <= report["core_ml"] <= report["core_ml_by_rcbf"]["0.4"]
+    assert "core by rCBF    <20%:" in capsys.readouterr().out
+    for bad in ("1.5", "a,b"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["perfusion", str(series), "--out", str(out), "--core-rcbf-also", bad])
+    assert parser.parse_args(["perfusion", str(series), "--out", str(out), "--core-rcbf-also", "none"]).core_rcbf_also == ()
 
 
 # -- outputs ---------------------------------------------------------------------------------------

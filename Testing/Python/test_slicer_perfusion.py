@@ -165,6 +165,10 @@ def test_statistics_table_equals_the_engine_report(computed, engine):
     assert report["penumbra_ml"] == pytest.approx(report["hypoperfusion_ml"] - report["core_ml"], abs=0.011)
     assert report["edited"] is False
     assert table["Core"] == expected.report["core_method"]
+    by_rcbf = expected.report["core_ml_by_rcbf"]
+    assert len(by_rcbf) == 4  # the chosen 30% and the default 20, 34, 38%
+    for key, value in by_rcbf.items():
+        assert _as_number(table[f"Core at rCBF < {100 * float(key):g}% (computed)"]) == pytest.approx(value, abs=1e-3)
     assert json.loads(logic.params.perfusionReport.GetText())["core_ml"] == expected.report["core_ml"]
 
 

@@ -37,6 +37,19 @@ def _times(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--times takes numbers (s) or a file of them, got {text[:40]!r}") from None
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    """Comma-separated fractions in (0, 1), or 'none'."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.2,0.34, got {text[:40]!r}") from None
+    if not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"rCBF fractions lie between 0 and 1, got {text[:40]!r}")
+    return values
+
+
 def add_perfusion_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``perfusion`` subcommand to ``strokeseg``'s sub-parsers."""
     from .decision import Thresholds
@@ -56,6 +69,9 @@ def add_perfusion_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--aif-mask", default=None, help="arterial input from this mask image")
     p.add_argument("--no-motion-correction", action="store_true", help="skip frame-to-frame registration")
     p.add_argument("--core-rcbf", type=float, default=d.core_rcbf, help=f"CT core: CBF below this fraction of the healthy hemisphere (default {d.core_rcbf})")
+    p.add_argument("--core-rcbf-also", type=_fractions, default=d.core_rcbf_also, metavar="F,F,...",
+                   help="CT core: also report the core volume at these rCBF fractions (default "
+                        f"{','.join(f'{v:g}' for v in d.core_rcbf_also)}; 'none' for none)")
     p.add_argument("--core-median", type=int, default=d.core_median_voxels,
                    help=f"CT core: in-plane median of rCBF over this many voxels (odd) before its threshold; 1: off (default {d.core_median_voxels})")
     p.add_argument("--adc-core", type=float, default=d.adc_core, help=f"MR core: ADC below this, 10^-6 mm^2/s (default {d.adc_core:g})")
@@ -81,7 +97,7 @@ def cmd_perfusion(args: argparse.Namespace) -> int:
     mask = read_image(args.aif_mask) if args.aif_mask else None
     if mask is not None and mask.is_4d:
         raise InputError(args.aif_mask, "arterial input mask is 4D; a 3D mask is expected")
-    thresholds = Thresholds(core_rcbf=args.core_rcbf, core_median_voxels=args.core_median, adc_core=args.adc_core, tmax_hypo_s=args.tmax,
+    thresholds = Thresholds(core_rcbf=args.core_rcbf, core_rcbf_also=args.core_rcbf_also, core_median_voxels=args.core_median, adc_core=args.adc_core, tmax_hypo_s=args.tmax,
                             tmax_severe_s=args.tmax_severe, min_core_ml=args.min_core_ml, min_hypo_ml=args.min_hypo_ml)
     settings = PerfusionSettings(motion_correction=not args.no_motion_correction)
     bar = None
@@ -121,6 +137,8 @@ def format_summary(report: dict) -> str:
     lines = [
         f"{report['input']['kind'].upper()} perfusion ({report['input']['frames']} frames, {report['input']['duration_s']:.0f} s)",
         f"core            {ml(report['core_ml'])}   ({report['core_method']})",
+        *([f"core by rCBF    " + ", ".join(f"<{100 * float(k):g}%: {ml(v)}" for k, v in report["core_ml_by_rcbf"].items())]
+          if len(report.get("core_ml_by_rcbf") or {}) > 1 else []),
         f"Tmax > {report['thresholds']['tmax_hypo_s']:g} s      {ml(report['hypoperfusion_ml'])}",
         f"penumbra        {ml(report['penumbra_ml'])}",
         f"mismatch        {ml(report['mismatch_ml'])}, ratio {'n/a' if ratio is None else f'{ratio:.2f}'}",
