@@ -662,9 +662,12 @@ def test_cli_core_rcbf_also_option(small_ct, tmp_path, capsys):
     assert report["core_ml_by_rcbf"]["0.3"] == report["core_ml"]
     assert report["core_ml_by_rcbf"]["0.2"] <= report["core_ml"] <= report["core_ml_by_rcbf"]["0.4"]
     assert "core by rCBF    <20%:" in capsys.readouterr().out
-    for bad in ("1.5", "a,b"):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["perfusion", str(series), "--out", str(out), "--core-rcbf-also", bad])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["perfusion", str(series), "--out", str(out), "--core-rcbf-also", "a,b"])
+    args = parser.parse_args(["perfusion", str(series), "--out", str(tmp_path / "bad"), "-q", "--core-rcbf-also", "0.2,1.5"])
+    with pytest.raises(InputError, match="core_rcbf_also takes fractions between 0 and 1"):
+        args.func(args)
+    assert not (tmp_path / "bad").exists()
     assert parser.parse_args(["perfusion", str(series), "--out", str(out), "--core-rcbf-also", "none"]).core_rcbf_also == ()
 
 

@@ -38,16 +38,13 @@ def _times(text: str) -> list[float]:
 
 
 def _fractions(text: str) -> tuple[float, ...]:
-    """Comma-separated fractions in (0, 1), or 'none'."""
+    """Comma-separated numbers, or 'none' (their range is checked with the other thresholds)."""
     if text.strip().lower() == "none":
         return ()
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.2,0.34, got {text[:40]!r}") from None
-    if not all(0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"rCBF fractions lie between 0 and 1, got {text[:40]!r}")
-    return values
 
 
 def add_perfusion_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -150,15 +150,16 @@ def decide(
     ref_cbf = mean_cbf * ref_gain
     rcbf = cbf / ref_cbf if np.isfinite(ref_cbf) and ref_cbf > 0 else np.zeros_like(cbf)
 
-    by_rcbf: dict[float, np.ndarray] = {}  # further rCBF thresholds -> their cores (volumes for the report)
+    core_ml_by_rcbf: dict[float, float] = {}  # rCBF threshold -> core volume; none for an ADC core
     if adc is not None:
         core = tissue & (adc < th.adc_core)
         method = f"ADC < {th.adc_core:g} x 10^-6 mm^2/s"
     else:
         filtered = _in_plane_median(rcbf, tissue, int(th.core_median_voxels))
         core = _rcbf_core(filtered, th.core_rcbf, tmax, tissue, th)
-        by_rcbf = {float(v): _clean(_rcbf_core(filtered, float(v), tmax, tissue, th), th.min_core_ml, voxel_ml)
-                   for v in th.core_rcbf_also if float(v) != th.core_rcbf}
+        for value in th.core_rcbf_also:
+            also = _clean(_rcbf_core(filtered, float(value), tmax, tissue, th), th.min_core_ml, voxel_ml)
+            core_ml_by_rcbf[float(value)] = float(np.count_nonzero(also)) * voxel_ml
         method = f"CBF < {100 * th.core_rcbf:.0f}% of the healthy hemisphere mean"
         if th.core_median_voxels > 1:
             method += f" (relative CBF median-filtered {th.core_median_voxels:g} x {th.core_median_voxels:g} in-plane)"
@@ -166,15 +167,14 @@ def decide(
             method += " (no ADC given; DSC-based core is less reliable)"
     core = _clean(core, th.min_core_ml, voxel_ml)
     if adc is None:
-        by_rcbf[float(th.core_rcbf)] = core
+        core_ml_by_rcbf[float(th.core_rcbf)] = float(np.count_nonzero(core)) * voxel_ml
     hypo = _clean((tissue & (tmax > th.tmax_hypo_s)) | core, th.min_hypo_ml, voxel_ml) | core
     penumbra = hypo & ~core
 
     report = {
         **decision_volumes(core, hypo, tmax, voxel_ml, th),
         "core_method": method,
-        # rCBF threshold -> core volume (mL), the chosen threshold among them; {} for an ADC core
-        "core_ml_by_rcbf": {f"{v:g}": round(float(np.count_nonzero(m)) * voxel_ml, 2) for v, m in sorted(by_rcbf.items())},
+        "core_ml_by_rcbf": {f"{v:g}": round(ml, 2) for v, ml in sorted(core_ml_by_rcbf.items())},
         "hypoperfusion_method": f"Tmax > {th.tmax_hypo_s:g} s",
         "healthy_hemisphere": "left" if healthy_left else "right",
         "reference_cbf_ml_100g_min": None if not np.isfinite(mean_cbf) else round(mean_cbf, 2),
