@@ -20,7 +20,8 @@ from .metrics import bland_altman, volume_pairs
 _DPI = 150
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path``, atomically."""
     path = Path(path)
     buf = _bytes_io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
@@ -47,7 +48,7 @@ def bland_altman_plot(pred_ml: Sequence[float], true_ml: Sequence[float], path: 
     ax.legend(loc="best", fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def volume_scatter_plot(pred_ml: Sequence[float], true_ml: Sequence[float], path: str | Path, title: str = "") -> Path:
@@ -70,4 +71,4 @@ def volume_scatter_plot(pred_ml: Sequence[float], true_ml: Sequence[float], path
     ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -707,6 +707,50 @@ def test_write_perfusion_is_all_or_nothing(small_ct_result, tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
 
 
+@pytest.mark.parametrize("direction", [
+    (1, 0, 0, 0, 1, 0, 0, 0, 1),  # LPS
+    (-1, 0, 0, 0, -1, 0, 0, 0, 1),  # RAS index order (NIfTI-like)
+    (0, 1, 0, 1, 0, 0, 0, 0, -1),  # x and y swapped, slices running downwards
+])
+def test_summary_figure_shows_the_patients_left_on_the_right(direction):
+    """Whatever the direction matrix, the figure's arrays run [S, P, L]: a marker at a known
+    physical point lands where SimpleITK puts that point in the LPS-oriented image, and a marker on
+    the patient's left (LPS +x) lands in the right half of the panel (radiological view)."""
+    from strokeseg.perfusion.summary_figure import radiological
+
+    arr = np.zeros((6, 20, 30), np.uint8)  # z, y, x
+    img = Image(arr, (1.0, 2.0, 5.0), (3.0, -4.0, 7.0), direction)
+    left_idx = (25, 10, 3) if direction[0] == 1 else ((4, 10, 3) if direction[0] == -1 else (10, 17, 3))
+    arr[left_idx[2], left_idx[1], left_idx[0]] = 1
+    point = img.to_sitk().TransformIndexToPhysicalPoint(left_idx)
+    assert point[0] > img.to_sitk().TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.to_sitk().GetSize()])[0]
+    shown, aspect = radiological(img)
+    oriented = sitk.DICOMOrient(img.to_sitk(), "LPS")
+    assert np.allclose(np.array(oriented.GetDirection()).reshape(3, 3), np.eye(3))
+    i, j, k = oriented.TransformPhysicalPointToIndex(point)
+    assert shown[k, j, i] == 1 and shown.sum() == 1
+    assert i > shown.shape[2] / 2  # the patient's left: the right half of the picture
+    assert aspect == pytest.approx(oriented.GetSpacing()[1] / oriented.GetSpacing()[0])
+
+
+def test_summary_figure_is_written_with_the_result(small_ct_result, tmp_path):
+    from matplotlib.image import imread
+
+    from strokeseg.perfusion.summary_figure import CORE_RGB, HYPO_RGB
+
+    out = tmp_path / "result"
+    write_perfusion(small_ct_result, out)
+    png = imread(out / "summary.png")
+    assert png.ndim == 3 and png.shape[0] > 200 and png.shape[1] > 400
+
+    def share(rgb):  # fraction of pixels close to a colour (drawn with alpha over grey: loose)
+        d = np.abs(png[..., :3] - np.asarray(rgb)).max(axis=-1)
+        return float((d < 0.25).mean())
+
+    assert small_ct_result.report["core_ml"] > 0 and share(CORE_RGB) > 1e-4
+    assert small_ct_result.report["penumbra_ml"] > 0 and share(HYPO_RGB) > 1e-4
+
+
 def test_nifti_series_round_trip(small_ct, tmp_path):
     path = write_image(small_ct.images["ctp"], tmp_path / "ctp.nii.gz")
     series = load_series(path)

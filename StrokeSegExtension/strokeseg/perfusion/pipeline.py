@@ -36,7 +36,7 @@ from .series import resample_time, uniform_grid, validate_series
 ProgressFn = Callable[[float, str], None]
 MAP_NAMES = ("cbf", "cbv", "mtt", "tmax", "ttp")
 MAP_UNITS = {"cbf": "mL/100g/min", "cbv": "mL/100g", "mtt": "s", "tmax": "s", "ttp": "s"}
-OUTPUT_FILES = tuple(f"{m}.nii.gz" for m in MAP_NAMES) + ("core.nii.gz", "penumbra.nii.gz", "report.json")
+OUTPUT_FILES = tuple(f"{m}.nii.gz" for m in MAP_NAMES) + ("core.nii.gz", "penumbra.nii.gz", "summary.png", "report.json")
 # Curve denoising per modality (see denoise.py) and its in-plane spatial sigma per (modality,
 # method), tuned on the phantoms' val split (CBF rank, core volume, Tmax error). CT: the guided
 # bilateral filter averages over a wider neighbourhood than a Gaussian can afford, since it stops
@@ -315,12 +315,16 @@ def run_perfusion(
 
 
 def write_perfusion(result: PerfusionResult, out_dir: str | Path) -> Path:
-    """Write the maps, core, penumbra and report.json; all appear or none (staged beside ``out_dir``)."""
+    """Write the maps, core, penumbra, the summary figure and report.json; all appear or none
+    (staged beside ``out_dir``)."""
+    from .summary_figure import perfusion_summary_png  # matplotlib: only where files are written
+
     with staged_outputs(out_dir, OUTPUT_FILES) as stage:  # report.json last: it marks the result complete
         for name in MAP_NAMES:
             m = result.maps[name]
             write_image(m.with_array(m.array.astype(np.float32)), stage / f"{name}.nii.gz")
         write_image(result.core, stage / "core.nii.gz")
         write_image(result.penumbra, stage / "penumbra.nii.gz")
+        perfusion_summary_png(result.maps, result.core, result.penumbra, result.tissue, result.report, stage / "summary.png")
         write_text(json.dumps(result.report, indent=2), stage / "report.json")
     return out_dir
