@@ -33,8 +33,8 @@ def radiological(image: Image) -> tuple[np.ndarray, float]:
 
 
 def _pick_slices(weight: np.ndarray, brain: np.ndarray, n: int) -> list[int]:
-    """Up to ``n`` slices: those with the most hypoperfusion, else evenly through the brain;
-    returned inferior to superior."""
+    """Up to ``n`` slices spread evenly over those with hypoperfusion (else over those with brain),
+    inferior to superior."""
     area = weight.reshape(weight.shape[0], -1).sum(1)
     candidates = [int(z) for z in np.flatnonzero(area)] or [int(z) for z in np.flatnonzero(brain.reshape(brain.shape[0], -1).any(1))]
     if not candidates:
@@ -93,8 +93,7 @@ def perfusion_summary_png(maps: dict[str, Image], core: Image, penumbra: Image, 
                    interpolation="nearest")
         top.imshow(np.ma.masked_where(~core_a[z], core_a[z]), cmap=core_cmap, alpha=0.7, aspect=aspect, interpolation="nearest")
         bottom.imshow(np.where(brain[z], tmax[z], 0.0), cmap="gray", vmin=0.0, vmax=tmax_hi, aspect=aspect, interpolation="nearest")
-        pen = penumbra_a[z] & ~core_a[z]
-        bottom.imshow(np.ma.masked_where(~pen, pen), cmap=hypo_cmap, alpha=0.6, aspect=aspect, interpolation="nearest")
+        bottom.imshow(np.ma.masked_where(~penumbra_a[z], penumbra_a[z]), cmap=hypo_cmap, alpha=0.6, aspect=aspect, interpolation="nearest")
         if core_a[z].any():
             bottom.contour(core_a[z].astype(np.uint8), levels=[0.5], colors=[CORE_RGB], linewidths=0.8)
         top.set_title(f"slice {z + 1}/{cbf.shape[0]}", color="w", fontsize=8)
