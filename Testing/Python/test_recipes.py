@@ -329,6 +329,15 @@ def test_paper000_end_to_end(tmp_path):
     assert summary["n_clones"] >= 1 and summary["finetune"]["steps_done"] == 2
     tuning = json.loads((run / "tuning.json").read_text(encoding="utf-8"))
     assert {r.get("threshold_rule") for r in tuning["table"]} == {"tht0", "tht1"}
+    # The paper's post-processing ablation: every tuned setting scored on the test split, and the
+    # validation-chosen one agreeing with the evaluation itself.
+    ablation = json.loads((run / "test" / "postprocess_ablation.json").read_text(encoding="utf-8"))
+    assert len(ablation) == len(tuning["table"])
+    best = tuning["best"]
+    chosen = [r for r in ablation if all(r[k] == best[k] for k in ("threshold", "closing_mm", "min_lesion_ml"))]
+    test_summary = json.loads((run / "test" / "summary.json").read_text(encoding="utf-8"))
+    assert chosen and chosen[0]["test"]["dice_median"] == pytest.approx(test_summary["metrics"]["dice"]["median"])
+    assert "(chosen)" in (run / "test" / "postprocess_ablation.md").read_text(encoding="utf-8")
     segment_with_export(tmp_path, cfg, root / "case00")
 
 

@@ -22,7 +22,7 @@ from strokeseg.postprocess import PostprocessSettings
 
 from .config import card_of, load_config, run_dir
 from .data import build_split
-from .evaluate import case_probabilities, score, summarise, tune
+from .evaluate import ablate_postprocess, ablation_markdown, case_probabilities, score, summarise, tune
 from .export import export_model, stage_records
 from .recipes import prepare_data, train_recipe
 
@@ -79,11 +79,16 @@ def do_tune(cfg: dict) -> dict:
 
 def do_evaluate(cfg: dict, settings: dict | None = None) -> dict:
     out = run_dir(cfg)
-    settings = settings or _read_json(out / "tuning.json", "tune")["best"]
+    tuning = None if settings else _read_json(out / "tuning.json", "tune")
+    settings = settings or tuning["best"]
     net = _net(cfg, _weights(cfg, out))
     probs = case_probabilities(_cases(cfg, "test"), [net], card_of(cfg))
     rows = score(probs, PostprocessSettings(**settings))
     summary = summarise(rows, out / "test", f"{cfg['name']} held-out phantoms")
+    if tuning and cfg["tune"].get("ablate_on_test"):
+        ablation = ablate_postprocess(probs, tuning["table"])
+        (out / "test" / "postprocess_ablation.json").write_text(json.dumps(ablation, indent=2))
+        (out / "test" / "postprocess_ablation.md").write_text(ablation_markdown(ablation, settings))
     m = summary["metrics"] if "metrics" in summary else summary
     print(json.dumps({k: m[k] for k in ("dice", "lesion_f1", "abs_volume_diff_ml") if k in m}, indent=2))
     return summary

@@ -199,6 +199,46 @@ def tune(cases: list[CaseProbability], grid: dict[str, Any], obj: str = "dice+f1
     return best_s, table
 
 
+def ablate_postprocess(cases: list[CaseProbability], table: list[dict]) -> list[dict]:
+    """Every post-processing setting of a tuning table scored on other cases (the test split).
+
+    Tuning picks one setting on validation; a paper's post-processing ablation (paper 000: THT0
+    vs THT1, with and without "filling holes") asks how each alternative fares on held-out cases.
+    Each row keeps the setting's validation figures and adds its test medians and means."""
+    rows = []
+    for entry in tqdm(table, desc="post-processing ablation", unit="setting"):
+        s = PostprocessSettings(threshold=entry["threshold"], closing_mm=entry["closing_mm"],
+                                min_lesion_ml=entry["min_lesion_ml"])
+        per_case = score(cases, s)
+        test = {}
+        for k in ("dice", "lesion_f1", "abs_volume_diff_ml", "tpr", "ppv"):
+            vals = np.array([r[k] for r in per_case], dtype=float)
+            test[f"{k}_median"] = float(np.nanmedian(vals))
+            test[f"{k}_mean"] = float(np.nanmean(vals))
+        rows.append({**{k: v for k, v in entry.items() if not k.startswith("mean_")},
+                     "val_mean_dice": entry.get("mean_dice"), "val_mean_lesion_f1": entry.get("mean_lesion_f1"),
+                     "test": test})
+    return rows
+
+
+def ablation_markdown(rows: list[dict], chosen: dict) -> str:
+    """The ablation as a Markdown table, the validation-chosen setting marked."""
+    lines = ["| threshold | closing | val mean Dice | test median Dice | test mean Dice | test median lesion F1 "
+             "| test median abs. vol. diff (mL) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        th = f"{r['threshold_rule'].upper()} ({r['threshold']:.3f})" if r.get("threshold_rule") else f"{r['threshold']:.3f}"
+        cl = (f"{r['closing_iterations']:g} iterations ({r['closing_mm']:g} mm)" if "closing_iterations" in r
+              else f"{r['closing_mm']:g} mm")
+        if r.get("min_lesion_ml"):
+            cl += f", min {r['min_lesion_ml']:g} mL"
+        mark = " (chosen)" if all(abs(float(r[k]) - float(chosen[k])) < 1e-9
+                                  for k in ("threshold", "closing_mm", "min_lesion_ml")) else ""
+        t = r["test"]
+        lines.append(f"| {th}{mark} | {cl} | {r['val_mean_dice']:.3f} | {t['dice_median']:.3f} | {t['dice_mean']:.3f} "
+                     f"| {t['lesion_f1_median']:.2f} | {t['abs_volume_diff_ml_median']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def summarise(rows: list[dict], out_dir: Path, title: str) -> dict:
     """Aggregate metrics, write per-case CSV, summary JSON and plots."""
     from strokeseg.plots import bland_altman_plot, volume_scatter_plot
