@@ -327,6 +327,7 @@ def test_paper000_end_to_end(tmp_path):
     run = Path(cfg["run_dir"])
     summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["n_clones"] >= 1 and summary["finetune"]["steps_done"] == 2
+    assert (run / "curves.png").is_file() and (run / "curves_finetune.png").is_file()
     tuning = json.loads((run / "tuning.json").read_text(encoding="utf-8"))
     assert {r.get("threshold_rule") for r in tuning["table"]} == {"tht0", "tht1"}
     # The paper's post-processing ablation: every tuned setting scored on the test split, and the

@@ -78,7 +78,8 @@ def validate(net: torch.nn.Module, card: Any, vols: list, device: torch.device) 
     return float(np.mean(scores))
 
 
-def plot_curves(log_csv: Path, png: Path) -> None:
+def plot_curves(log_csv: Path, png: Path, val_label: str = "validation Dice (whole volumes)") -> None:
+    """Loss and validation curves of a training log (``val_dice`` or, from :func:`fit`, ``val``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,10 +92,13 @@ def plot_curves(log_csv: Path, png: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     ax[0].plot(steps, [float(r["loss"]) for r in rows])
     ax[0].set(xlabel="step", ylabel="training loss (smoothed)", yscale="log")
-    val = [(int(r["step"]), float(r["val_dice"])) for r in rows if r["val_dice"]]
+    column = "val_dice" if "val_dice" in rows[0] else "val"
+    val = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
     if val:
         ax[1].plot(*zip(*val), marker="o")
-    ax[1].set(xlabel="step", ylabel="validation Dice (whole volumes)", ylim=(0, 1))
+    ax[1].set(xlabel="step", ylabel=val_label)
+    if all(0.0 <= v <= 1.0 for _, v in val):
+        ax[1].set_ylim(0, 1)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -277,6 +281,7 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
             break
     if not (out / weights_name).is_file():  # never validated better than the given best: keep the last
         save_weights(net, out / weights_name)
+    plot_curves(log, out / (log.stem.replace("log", "curves", 1) + ".png"), "validation score (higher is better)")
     return {"steps_done": done, "best_val": best, "duration_s": time.time() - t0}
 
 
