@@ -227,7 +227,7 @@ def ablation_markdown(rows: list[dict], chosen: dict) -> str:
              "| test median abs. vol. diff (mL) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         th = f"{r['threshold_rule'].upper()} ({r['threshold']:.3f})" if r.get("threshold_rule") else f"{r['threshold']:.3f}"
-        cl = (f"{r['closing_iterations']:g} iterations ({r['closing_mm']:g} mm)" if "closing_iterations" in r
+        cl = (f"{r['closing_iterations']:g} iteration{'' if r['closing_iterations'] == 1 else 's'} ({r['closing_mm']:g} mm)" if "closing_iterations" in r
               else f"{r['closing_mm']:g} mm")
         if r.get("min_lesion_ml"):
             cl += f", min {r['min_lesion_ml']:g} mL"
