@@ -342,6 +342,37 @@ def test_paper000_end_to_end(tmp_path):
     segment_with_export(tmp_path, cfg, root / "case00")
 
 
+def test_paper000_resumes_after_stage_1(tmp_path, capsys):
+    """A second run starts at the error-map fine-tune, as the uninterrupted run would have (same
+    weights, same fine-tuning losses); changing a stage-1 setting trains stage 1 again."""
+    from strokeseg_training.cli import main
+
+    root = make_dataset(tmp_path / "data", ["mtt", "cbf", "adc"])
+    config = tiny_config(tmp_path, "paper000_deepmedic.json", root, card={
+        "target_spacing": [4.0, 4.0, 4.0], "patch_size": [9, 9, 9],
+        "network": {"name": "strokeseg.DeepMedic", "args": {"in_channels": 3, "out_channels": 2,
+                    "channels": [4, 4, 4, 4, 4, 4, 6, 6], "fc_channels": [8, 12], "dropout": 0.1}},
+        "inference": {"overlap": 0.25, "blend": "gaussian", "sw_batch_size": 1, "mirror_tta": False, "roi_size": [16, 16, 16]},
+    }, train={"steps": 4, "batch_size": 2, "val_every": 2, "val_volumes": 1, "max_minutes": 2,
+              "finetune": {"steps": 3, "val_every": 1, "freeze_layers": 6}})
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config)]) == 0
+    first = ((run / "best.safetensors").read_bytes(), (run / "log_finetune.csv").read_text(encoding="utf-8"))
+    assert (run / "stage1.json").is_file() and (run / "stage1.safetensors").is_file()
+    capsys.readouterr()
+
+    assert main(["train", "--config", str(config)]) == 0
+    assert "resuming after stage 1" in capsys.readouterr().out
+    losses = lambda text: [line.split(",")[:4] for line in text.splitlines()]  # noqa: E731 (not the times)
+    assert losses((run / "log_finetune.csv").read_text(encoding="utf-8")) == losses(first[1])
+    assert (run / "best.safetensors").read_bytes() == first[0]
+
+    assert main(["train", "--config", str(config), "--set", "train.lr=0.002"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert main(["train", "--config", str(config), "--no-resume"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+
+
 def test_paper001_end_to_end(tmp_path):
     root = make_dataset(tmp_path / "data", ["dwi", "adc"])
     config = tiny_config(tmp_path, "paper001_asymunet.json", root, card={

@@ -27,11 +27,19 @@ What the recipe does (config ``training/configs/paper000_deepmedic.json``):
 Simplified: the error maps come from the stage-1 network on its own training cases (the paper
 used out-of-fold test predictions of its 5-fold CV); one train/val/test split, not 5 folds;
 no CRF (the paper's DeepMedic had none enabled either in its reported pipeline).
+
+Resume: the recipe resumes at the stage boundary. Stage 1 leaves ``stage1.safetensors`` and
+``stage1.json`` (its summary, a key of the settings it depends on, and the random generators'
+states). A later run with the same data, card and stage-1 settings (the fine-tune's may differ)
+starts at the fine-tune, exactly as the uninterrupted run would have (CPU).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +50,7 @@ from strokeseg.inference import predict
 from strokeseg.losses import CrossEntropy, error_map
 from strokeseg.models import build_network
 
+from ..config import NOT_IN_DATA_KEY
 from ..data import Volume
 from ..sampling import WeightedPatchSampler
 from ..train import fit, recipe_setup, validate, write_summary
@@ -87,6 +96,45 @@ def _schedule(opt: torch.optim.Optimizer, lr0: float, lr1: float, m0: float, m1:
     return set_
 
 
+def stage1_key(cfg: dict[str, Any]) -> str:
+    """What stage 1's weights depend on: the card, the data and the training settings other than
+    the fine-tune's (and other than free text or worker counts)."""
+    blob = json.dumps({"card": cfg["card"],
+                       "data": {k: v for k, v in cfg["data"].items() if k not in NOT_IN_DATA_KEY},
+                       "train": {k: v for k, v in cfg["train"].items() if k != "finetune"}},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _save_stage1(out: Path, key: str, summary: dict[str, Any], rng: np.random.Generator) -> None:
+    shutil.copyfile(out / "best.safetensors", out / "stage1.safetensors")
+    state = {"key": key, "summary": summary, "numpy_rng": rng.bit_generator.state,
+             "torch_rng": torch.get_rng_state().tolist()}
+    tmp = out / "stage1.json.tmp"
+    tmp.write_text(json.dumps(state, default=float))
+    tmp.replace(out / "stage1.json")  # written last: its presence means stage 1 is complete
+
+
+def _load_stage1(out: Path, key: str, net: torch.nn.Module, rng: np.random.Generator) -> dict[str, Any] | None:
+    """Stage 1's summary with its weights loaded and the generators restored, or None when
+    there is no complete stage 1 of these settings to resume from."""
+    from safetensors.torch import load_file
+
+    meta, weights = out / "stage1.json", out / "stage1.safetensors"
+    if not (meta.is_file() and weights.is_file()):
+        return None
+    state = json.loads(meta.read_text(encoding="utf-8"))
+    if state.get("key") != key:
+        return None
+    net.load_state_dict(load_file(str(weights)))
+    shutil.copyfile(weights, out / "best.safetensors")
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    print(f"resuming after stage 1 ({state['summary']['steps_done']} steps, best validation "
+          f"{state['summary']['best_val']:.3f}): {weights}")
+    return state["summary"]
+
+
 def train_deepmedic(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     """The recipe; returns the run folder (best.safetensors, train_summary.json)."""
     tc = cfg["train"]
@@ -109,12 +157,16 @@ def train_deepmedic(cfg: dict[str, Any], *, resume: bool = True) -> Path:
                                    flip_lr=float(aug.get("flip_lr", 0.5)), shift_sd=float(aug.get("shift_sd", 0.05)),
                                    scale_sd=float(aug.get("scale_sd", 0.01)))
     lr0 = float(tc.get("lr", 1e-3))
-    opt = _rmsprop(net.parameters(), tc, lr0)
     bs = int(tc.get("batch_size", 8))
-    s1 = fit(net, lambda: sampler.batch(bs), loss_fn, opt, steps=int(tc["steps"]), out=out, device=dev, val_fn=val_fn,
-             val_every=int(tc.get("val_every", 250)), max_minutes=tc.get("max_minutes"),
-             schedule=_schedule(opt, lr0, float(tc.get("lr_final", 1e-4)), float(tc.get("momentum", 0.6)),
-                                float(tc.get("momentum_final", 0.9))), desc="DeepMedic")
+    key = stage1_key(cfg)
+    s1 = _load_stage1(out, key, net, rng) if resume else None
+    if s1 is None:
+        opt = _rmsprop(net.parameters(), tc, lr0)
+        s1 = fit(net, lambda: sampler.batch(bs), loss_fn, opt, steps=int(tc["steps"]), out=out, device=dev,
+                 val_fn=val_fn, val_every=int(tc.get("val_every", 250)), max_minutes=tc.get("max_minutes"),
+                 schedule=_schedule(opt, lr0, float(tc.get("lr_final", 1e-4)), float(tc.get("momentum", 0.6)),
+                                    float(tc.get("momentum_final", 0.9))), desc="DeepMedic")
+        _save_stage1(out, key, s1, rng)
     summary: dict[str, Any] = {"stage1": s1, "n_clones": len(clones)}
     best, steps, duration = s1["best_val"], s1["steps_done"], s1["duration_s"]
 
