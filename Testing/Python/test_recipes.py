@@ -314,15 +314,20 @@ def test_slice_patches_hold_lesion_pixels():
 # -- tiny end-to-end runs ----------------------------------------------------------------------
 
 
-def test_paper000_end_to_end(tmp_path):
+def tiny_deepmedic(tmp_path: Path, finetune: dict) -> tuple[Path, Path]:
+    """(data root, config) of a tiny paper 000 run on fabricated MTT/CBF/ADC cases."""
     root = make_dataset(tmp_path / "data", ["mtt", "cbf", "adc"])
     config = tiny_config(tmp_path, "paper000_deepmedic.json", root, card={
         "target_spacing": [4.0, 4.0, 4.0], "patch_size": [9, 9, 9],
         "network": {"name": "strokeseg.DeepMedic", "args": {"in_channels": 3, "out_channels": 2,
                     "channels": [4, 4, 4, 4, 4, 4, 6, 6], "fc_channels": [8, 12], "dropout": 0.1}},
         "inference": {"overlap": 0.25, "blend": "gaussian", "sw_batch_size": 1, "mirror_tta": False, "roi_size": [16, 16, 16]},
-    }, train={"steps": 4, "batch_size": 2, "val_every": 2, "val_volumes": 1, "max_minutes": 2,
-              "finetune": {"steps": 2, "val_every": 2, "freeze_layers": 8}})
+    }, train={"steps": 4, "batch_size": 2, "val_every": 2, "val_volumes": 1, "max_minutes": 2, "finetune": finetune})
+    return root, config
+
+
+def test_paper000_end_to_end(tmp_path):
+    root, config = tiny_deepmedic(tmp_path, {"steps": 2, "val_every": 2, "freeze_layers": 8})
     cfg = run_all(config)
     run = Path(cfg["run_dir"])
     summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
@@ -347,14 +352,7 @@ def test_paper000_resumes_after_stage_1(tmp_path, capsys):
     weights, same fine-tuning losses); changing a stage-1 setting trains stage 1 again."""
     from strokeseg_training.cli import main
 
-    root = make_dataset(tmp_path / "data", ["mtt", "cbf", "adc"])
-    config = tiny_config(tmp_path, "paper000_deepmedic.json", root, card={
-        "target_spacing": [4.0, 4.0, 4.0], "patch_size": [9, 9, 9],
-        "network": {"name": "strokeseg.DeepMedic", "args": {"in_channels": 3, "out_channels": 2,
-                    "channels": [4, 4, 4, 4, 4, 4, 6, 6], "fc_channels": [8, 12], "dropout": 0.1}},
-        "inference": {"overlap": 0.25, "blend": "gaussian", "sw_batch_size": 1, "mirror_tta": False, "roi_size": [16, 16, 16]},
-    }, train={"steps": 4, "batch_size": 2, "val_every": 2, "val_volumes": 1, "max_minutes": 2,
-              "finetune": {"steps": 3, "val_every": 1, "freeze_layers": 6}})
+    _root, config = tiny_deepmedic(tmp_path, {"steps": 3, "val_every": 1, "freeze_layers": 6})
     run = tmp_path / "run"
     assert main(["train", "--config", str(config)]) == 0
     first = ((run / "best.safetensors").read_bytes(), (run / "log_finetune.csv").read_text(encoding="utf-8"))
