@@ -286,8 +286,8 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
 
 
 def recipe_setup(cfg: dict[str, Any]) -> tuple[Path, Any, list, list, torch.device, np.random.Generator]:
-    """What every paper recipe starts with: run folder (stale best weights removed: recipes do
-    not resume), card, training and validation volumes, device, seeded generator."""
+    """What every paper recipe starts with: run folder (stale best weights removed; a recipe that
+    resumes restores its own), card, training and validation volumes, device, seeded generator."""
     tc = cfg["train"]
     torch.manual_seed(int(tc.get("seed", 0)))
     rng = np.random.default_rng(int(tc.get("seed", 0)))
