@@ -209,12 +209,9 @@ def ablate_postprocess(cases: list[CaseProbability], table: list[dict]) -> list[
     for entry in tqdm(table, desc="post-processing ablation", unit="setting"):
         s = PostprocessSettings(threshold=entry["threshold"], closing_mm=entry["closing_mm"],
                                 min_lesion_ml=entry["min_lesion_ml"])
-        per_case = score(cases, s)
-        test = {}
-        for k in ("dice", "lesion_f1", "abs_volume_diff_ml", "tpr", "ppv"):
-            vals = np.array([r[k] for r in per_case], dtype=float)
-            test[f"{k}_median"] = float(np.nanmedian(vals))
-            test[f"{k}_mean"] = float(np.nanmean(vals))
+        metrics = json_safe(aggregate(score(cases, s)))["metrics"]
+        test = {f"{k}_{stat}": metrics[k][stat] for k in ("dice", "lesion_f1", "abs_volume_diff_ml", "tpr", "ppv")
+                for stat in ("median", "mean")}
         rows.append({**{k: v for k, v in entry.items() if not k.startswith("mean_")},
                      "val_mean_dice": entry.get("mean_dice"), "val_mean_lesion_f1": entry.get("mean_lesion_f1"),
                      "test": test})
