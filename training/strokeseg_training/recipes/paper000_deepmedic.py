@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from strokeseg.inference import predict
+from strokeseg.io import write_text
 from strokeseg.losses import CrossEntropy, error_map
 from strokeseg.models import build_network
 
@@ -110,23 +111,19 @@ def _save_stage1(out: Path, key: str, summary: dict[str, Any], rng: np.random.Ge
     shutil.copyfile(out / "best.safetensors", out / "stage1.safetensors")
     state = {"key": key, "summary": summary, "numpy_rng": rng.bit_generator.state,
              "torch_rng": torch.get_rng_state().tolist()}
-    tmp = out / "stage1.json.tmp"
-    tmp.write_text(json.dumps(state, default=float))
-    tmp.replace(out / "stage1.json")  # written last: its presence means stage 1 is complete
+    write_text(json.dumps(state, default=float), out / "stage1.json")  # last: its presence means stage 1 is complete
 
 
-def _load_stage1(out: Path, key: str, net: torch.nn.Module, rng: np.random.Generator) -> dict[str, Any] | None:
-    """Stage 1's summary with its weights loaded and the generators restored, or None when
-    there is no complete stage 1 of these settings to resume from."""
-    from safetensors.torch import load_file
-
+def _load_stage1(out: Path, key: str, rng: np.random.Generator) -> dict[str, Any] | None:
+    """Stage 1's summary, its weights back as ``best.safetensors`` (where the fine-tune loads them
+    from) and the generators restored, or None when there is no complete stage 1 of these
+    settings to resume from."""
     meta, weights = out / "stage1.json", out / "stage1.safetensors"
     if not (meta.is_file() and weights.is_file()):
         return None
     state = json.loads(meta.read_text(encoding="utf-8"))
     if state.get("key") != key:
         return None
-    net.load_state_dict(load_file(str(weights)))
     shutil.copyfile(weights, out / "best.safetensors")
     rng.bit_generator.state = state["numpy_rng"]
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
@@ -159,7 +156,7 @@ def train_deepmedic(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     lr0 = float(tc.get("lr", 1e-3))
     bs = int(tc.get("batch_size", 8))
     key = stage1_key(cfg)
-    s1 = _load_stage1(out, key, net, rng) if resume else None
+    s1 = _load_stage1(out, key, rng) if resume else None
     if s1 is None:
         opt = _rmsprop(net.parameters(), tc, lr0)
         s1 = fit(net, lambda: sampler.batch(bs), loss_fn, opt, steps=int(tc["steps"]), out=out, device=dev,
