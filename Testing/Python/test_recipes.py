@@ -348,19 +348,22 @@ def test_paper000_end_to_end(tmp_path):
 
 
 def test_paper000_resumes_after_stage_1(tmp_path, capsys):
-    """A second run starts at the error-map fine-tune, as the uninterrupted run would have (same
-    weights, same fine-tuning losses); changing a stage-1 setting trains stage 1 again."""
+    """A run that dies in the fine-tune before its first checkpoint restarts at the fine-tune, as
+    the uninterrupted run went on (same weights, same fine-tuning losses); changing a stage-1
+    setting, or --no-resume, trains stage 1 again."""
     from strokeseg_training.cli import main
 
     _root, config = tiny_deepmedic(tmp_path, {"steps": 3, "val_every": 1, "freeze_layers": 6})
     run = tmp_path / "run"
     assert main(["train", "--config", str(config)]) == 0
     first = ((run / "best.safetensors").read_bytes(), (run / "log_finetune.csv").read_text(encoding="utf-8"))
-    assert (run / "stage1.json").is_file() and (run / "stage1.safetensors").is_file()
+    (run / "log_finetune.ckpt").unlink()
+    (run / "log_finetune.csv").unlink()
     capsys.readouterr()
 
     assert main(["train", "--config", str(config)]) == 0
-    assert "resuming after stage 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "DeepMedic: resuming at step 4 of 4 (finished)" in out and "fine-tuning: resuming" not in out
     losses = lambda text: [line.split(",")[:4] for line in text.splitlines()]  # noqa: E731 (not the times)
     assert losses((run / "log_finetune.csv").read_text(encoding="utf-8")) == losses(first[1])
     assert (run / "best.safetensors").read_bytes() == first[0]
@@ -386,6 +389,23 @@ def test_paper001_end_to_end(tmp_path):
     card = json.loads((tmp_path / "models" / "paper001_asymunet" / "card.json").read_text(encoding="utf-8"))
     assert card["derived_channels"][0]["kind"] == "mirror"
     segment_with_export(tmp_path, cfg, root / "case00")
+    _rerun_resumes(config, run, "AsymResUNet", "best.safetensors")
+
+
+def _rerun_resumes(config: Path, run: Path, desc: str, weights: str, *overrides: str) -> None:
+    """Training a finished run again (with ``overrides`` outside the resumed loop's key) trains
+    nothing: the loop resumes finished and its best weights come back unchanged."""
+    import contextlib
+    import io
+
+    from strokeseg_training.cli import main
+
+    before = (run / weights).read_bytes()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["train", "--config", str(config), *(a for o in overrides for a in ("--set", o))]) == 0
+    assert f"{desc}: resuming at step" in printed.getvalue() and "(finished)" in printed.getvalue()
+    assert (run / weights).read_bytes() == before
 
 
 def test_paper002_end_to_end(tmp_path):
@@ -407,6 +427,7 @@ def test_paper002_end_to_end(tmp_path):
     test_summary = json.loads((run / "test" / "summary.json").read_text(encoding="utf-8"))
     assert "m_fp" in test_summary["detection"] and "subject_detection_rate" in test_summary["detection"]
     segment_with_export(tmp_path, cfg, root / "case00")
+    _rerun_resumes(config, run, "EDD Net", "edd_best.safetensors", "train.muscle.steps=2")  # MUSCLE is not in the EDD's key
 
 
 # -- the comparison tables of training/README.md ------------------------------------------------

@@ -217,6 +217,64 @@ def test_fit_does_not_validate_twice_when_the_budget_runs_out_during_a_validatio
     assert (tmp_path / "best.safetensors").is_file()
 
 
+class _Stop(Exception):
+    pass
+
+
+def _fit_run(out, key, stop_at=None, steps=6):
+    """A tiny fit whose batches and dropout come from the generators a resume must restore."""
+    import numpy as np
+    import torch
+
+    from strokeseg_training.train import fit
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.Dropout(0.5), torch.nn.Conv3d(4, 1, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    drawn = []
+
+    def next_batch():
+        if stop_at is not None and len(drawn) == stop_at:
+            raise _Stop  # the process dies between two steps
+        drawn.append(1)
+        x = torch.from_numpy(rng.normal(size=(2, 1, 3, 3, 3)).astype(np.float32))
+        return x, 2 * x
+
+    fixed = torch.linspace(-1, 1, 27).reshape(1, 1, 3, 3, 3)
+    res = fit(net, next_batch, torch.nn.functional.mse_loss, opt, steps=steps, out=out, device=torch.device("cpu"),
+              val_fn=lambda m: -float(torch.nn.functional.mse_loss(m(fixed), 2 * fixed)), val_every=2,
+              resume_key=key, rng=rng)
+    return res, len(drawn)
+
+
+def test_fit_resumes_as_the_uninterrupted_run(tmp_path, capsys):
+    """Killed after its step-4 checkpoint, a rerun redoes step 5 on: same losses, same best and
+    last weights as a run never interrupted; a finished run is not trained again; other settings
+    (another key) start afresh."""
+    losses = lambda run: [ln.split(",")[:4] for ln in (run / "log.csv").read_text().splitlines()]  # noqa: E731
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir(), cut.mkdir()
+    expected, _ = _fit_run(whole, "k")
+    with pytest.raises(_Stop):
+        _fit_run(cut, "k", stop_at=5)
+    assert [r[0] for r in losses(cut)][-1] == "5"  # the step after the checkpoint is logged, then lost
+    capsys.readouterr()
+    res, drawn = _fit_run(cut, "k")
+    assert "resuming at step 4 of 6" in capsys.readouterr().out and drawn == 2
+    assert losses(cut) == losses(whole)
+    assert (cut / "best.safetensors").read_bytes() == (whole / "best.safetensors").read_bytes()
+    assert res["steps_done"] == 6 and res["best_val"] == expected["best_val"]
+
+    (cut / "best.safetensors").unlink()  # what recipe_setup does before every run
+    res, drawn = _fit_run(cut, "k")
+    assert drawn == 0 and "(finished)" in capsys.readouterr().out
+    assert (cut / "best.safetensors").read_bytes() == (whole / "best.safetensors").read_bytes()
+    assert res["steps_done"] == 6 and res["best_val"] == expected["best_val"]
+    _res, drawn = _fit_run(cut, "other settings")
+    assert drawn == 6 and "other settings; training from the start" in capsys.readouterr().out
+
+
 def test_pos_weight_makes_missed_lesion_voxels_cost_more():
     import torch
 

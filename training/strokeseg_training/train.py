@@ -7,6 +7,8 @@ engine's own sliding-window inference, best-checkpoint selection on validation D
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import math
 import os
@@ -21,9 +23,10 @@ from monai.losses import DiceCELoss, DiceFocalLoss
 from tqdm import tqdm
 
 from strokeseg.inference import predict
+from strokeseg.io import write_bytes
 from strokeseg.models import build_network, save_weights
 
-from .config import REPO_ROOT, card_of, run_dir
+from .config import NOT_IN_DATA_KEY, REPO_ROOT, card_of, run_dir
 from .data import build_split, load_volumes
 from .sampling import PatchSampler, augmentation
 
@@ -230,22 +233,94 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
 # -- a plain single-process loop for the paper recipes (recipes/paper00*.py) ------------------
 
 
+def settings_key(cfg: dict[str, Any], drop_train: tuple[str, ...] = ()) -> str:
+    """What a run's weights depend on: the card, the data (not free text or worker counts) and
+    the training settings other than ``drop_train`` (e.g. a later stage's own block). A
+    checkpoint written under another key is not resumed."""
+    blob = json.dumps({"card": cfg["card"],
+                       "data": {k: v for k, v in cfg["data"].items() if k not in NOT_IN_DATA_KEY},
+                       "train": {k: v for k, v in cfg["train"].items() if k not in drop_train}},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+class _FitState:
+    """The resumable state of one :func:`fit` loop, written at every validation to
+    ``<log stem>.ckpt`` beside the log: network and optimiser, the best weights, the loop's
+    counters, and the numpy and torch generators' states (so that a resumed CPU run draws the
+    same batches and dropout masks as the uninterrupted one). Our own file, read back with
+    ``weights_only``; a checkpoint of other settings (``key``) is ignored."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def save(self, net: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator | None,
+             **loop: Any) -> None:
+        state = {"key": self.key, "net": net.state_dict(), "opt": opt.state_dict(), "best_state": self.best_state,
+                 "numpy_rng": json.dumps(rng.bit_generator.state) if rng is not None else "",
+                 "torch_rng": torch.get_rng_state(), **loop}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes(buffer.getvalue(), self.path)  # atomic: a crash while saving keeps the previous one
+
+    def load(self, device: torch.device) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location=device, weights_only=True)
+        if state.get("key") != self.key:
+            print(f"{self.path}: written for other settings; training from the start")
+            return None
+        return state
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Keep the header and the rows up to ``step`` (the rows after a checkpoint are redone)."""
+    lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+    kept = lines[:1] + [ln for ln in lines[1:] if ln and int(ln.split(",", 1)[0]) <= step]
+    log.write_text("\n".join(kept) + "\n")
+
+
 def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Optimizer, *, steps: int, out: Path,
         device: torch.device, val_fn: Any, val_every: int = 250, schedule: Any = None, max_minutes: float | None = None,
         patience: int | None = None, best: float = -math.inf, log_name: str = "log.csv",
-        weights_name: str = "best.safetensors", desc: str = "training") -> dict[str, Any]:
+        weights_name: str = "best.safetensors", desc: str = "training", resume_key: str | None = None,
+        rng: np.random.Generator | None = None) -> dict[str, Any]:
     """Train ``net`` for ``steps`` steps: ``next_batch() -> (x, y)``, ``loss_fn(net(x), y)``;
     every ``val_every`` steps ``val_fn(net)`` (higher is better) and the weights are saved to
     ``out/weights_name`` when it beats ``best``; ``schedule(step, progress)`` may set learning rate
     or momentum; ``patience`` validation rounds without improvement stop early (paper 001's early
-    stopping); ``max_minutes`` caps the time. The log is ``out/log_name`` (step, loss, lr, val)."""
+    stopping); ``max_minutes`` caps the time. The log is ``out/log_name`` (step, loss, lr, val).
+
+    With ``resume_key`` (see :func:`settings_key`) the loop checkpoints at every validation and a
+    later call with the same key continues from the last one; a finished loop is not run again.
+    ``rng`` is the generator ``next_batch`` draws from: restored with the checkpoint, the resumed
+    run is the uninterrupted one, provided ``next_batch`` holds no other state between
+    validations (paper 001's epochs end at validations, paper 000/002 draw every batch afresh)."""
     log = out / log_name
-    log.write_text("step,loss,lr,val,elapsed_s\n")
-    t0 = time.time()
+    saver = _FitState(log.with_suffix(".ckpt"), resume_key) if resume_key is not None else None
+    state = saver.load(device) if saver is not None else None
+    smoothed, rounds_without, done, elapsed0, finished = None, 0, 0, 0.0, False
+    if state is None:
+        log.write_text("step,loss,lr,val,elapsed_s\n")
+    else:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        done, best, smoothed = int(state["step"]), float(state["best"]), state["smoothed"]
+        rounds_without, elapsed0, finished = int(state["rounds_without"]), float(state["elapsed_s"]), bool(state["finished"])
+        saver.best_state = state["best_state"]
+        if saver.best_state is not None:
+            save_weights(saver.best_state, out / weights_name)
+        if rng is not None and state["numpy_rng"]:
+            rng.bit_generator.state = json.loads(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        _truncate_log(log, done)
+        print(f"{desc}: resuming at step {done} of {steps}{' (finished)' if finished else ''} from {saver.path}")
+    t0 = time.time() - elapsed0
     budget = float(max_minutes) * 60 if max_minutes else math.inf
-    smoothed, rounds_without, done, validated = None, 0, 0, 0
+    validated = done  # checkpoints are written at validations only
     net.to(device).train()
-    bar = tqdm(range(steps), desc=desc, leave=False)
+    bar = tqdm(range(done, steps if not finished else done), initial=done, total=steps, desc=desc, leave=False)
     for step in bar:
         if budget_spent_at_validation(validated, step, time.time() - t0, budget):
             break
@@ -270,12 +345,17 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
             if score > best:
                 best, rounds_without = score, 0
                 save_weights(net, out / weights_name)
+                if saver is not None:
+                    saver.best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             else:
                 rounds_without += 1
             if patience is not None and rounds_without >= patience:
                 last = True
         with log.open("a") as f:
             f.write(f"{step + 1},{smoothed:.5f},{opt.param_groups[0]['lr']:.3e},{val},{time.time() - t0:.1f}\n")
+        if saver is not None and val:
+            saver.save(net, opt, rng, step=done, best=best, smoothed=smoothed, rounds_without=rounds_without,
+                       elapsed_s=time.time() - t0, finished=last)
         bar.set_postfix(loss=f"{smoothed:.3f}", best=f"{best:.3f}")
         if last:
             break

@@ -28,18 +28,15 @@ Simplified: the error maps come from the stage-1 network on its own training cas
 used out-of-fold test predictions of its 5-fold CV); one train/val/test split, not 5 folds;
 no CRF (the paper's DeepMedic had none enabled either in its reported pipeline).
 
-Resume: the recipe resumes at the stage boundary. Stage 1 leaves ``stage1.safetensors`` and
-``stage1.json`` (its summary, a key of the settings it depends on, and the random generators'
-states). A later run with the same data, card and stage-1 settings (the fine-tune's may differ)
-starts at the fine-tune, exactly as the uninterrupted run would have (CPU).
+Resume: each stage checkpoints at its validations (``log.ckpt``, ``log_finetune.ckpt``: see
+:func:`~strokeseg_training.train.fit`) and a rerun continues where it stopped, exactly as the
+uninterrupted run would have (CPU). Stage 1's checkpoint is keyed without the fine-tune's
+settings, so a finished stage 1 is reused when only the fine-tune changes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +44,12 @@ import numpy as np
 import torch
 
 from strokeseg.inference import predict
-from strokeseg.io import write_text
 from strokeseg.losses import CrossEntropy, error_map
 from strokeseg.models import build_network
 
-from ..config import NOT_IN_DATA_KEY
 from ..data import Volume
 from ..sampling import WeightedPatchSampler
-from ..train import fit, recipe_setup, validate, write_summary
+from ..train import fit, recipe_setup, settings_key, validate, write_summary
 
 
 def intensity_variance_clone(volume: Volume, rng: np.random.Generator, name: str | None = None) -> Volume:
@@ -97,41 +92,6 @@ def _schedule(opt: torch.optim.Optimizer, lr0: float, lr1: float, m0: float, m1:
     return set_
 
 
-def stage1_key(cfg: dict[str, Any]) -> str:
-    """What stage 1's weights depend on: the card, the data and the training settings other than
-    the fine-tune's (and other than free text or worker counts)."""
-    blob = json.dumps({"card": cfg["card"],
-                       "data": {k: v for k, v in cfg["data"].items() if k not in NOT_IN_DATA_KEY},
-                       "train": {k: v for k, v in cfg["train"].items() if k != "finetune"}},
-                      sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-
-def _save_stage1(out: Path, key: str, summary: dict[str, Any], rng: np.random.Generator) -> None:
-    shutil.copyfile(out / "best.safetensors", out / "stage1.safetensors")
-    state = {"key": key, "summary": summary, "numpy_rng": rng.bit_generator.state,
-             "torch_rng": torch.get_rng_state().tolist()}
-    write_text(json.dumps(state, default=float), out / "stage1.json")  # last: its presence means stage 1 is complete
-
-
-def _load_stage1(out: Path, key: str, rng: np.random.Generator) -> dict[str, Any] | None:
-    """Stage 1's summary, its weights back as ``best.safetensors`` (where the fine-tune loads them
-    from) and the generators restored, or None when there is no complete stage 1 of these
-    settings to resume from."""
-    meta, weights = out / "stage1.json", out / "stage1.safetensors"
-    if not (meta.is_file() and weights.is_file()):
-        return None
-    state = json.loads(meta.read_text(encoding="utf-8"))
-    if state.get("key") != key:
-        return None
-    shutil.copyfile(weights, out / "best.safetensors")
-    rng.bit_generator.state = state["numpy_rng"]
-    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    print(f"resuming after stage 1 ({state['summary']['steps_done']} steps, best validation "
-          f"{state['summary']['best_val']:.3f}): {weights}")
-    return state["summary"]
-
-
 def train_deepmedic(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     """The recipe; returns the run folder (best.safetensors, train_summary.json)."""
     tc = cfg["train"]
@@ -155,15 +115,12 @@ def train_deepmedic(cfg: dict[str, Any], *, resume: bool = True) -> Path:
                                    scale_sd=float(aug.get("scale_sd", 0.01)))
     lr0 = float(tc.get("lr", 1e-3))
     bs = int(tc.get("batch_size", 8))
-    key = stage1_key(cfg)
-    s1 = _load_stage1(out, key, rng) if resume else None
-    if s1 is None:
-        opt = _rmsprop(net.parameters(), tc, lr0)
-        s1 = fit(net, lambda: sampler.batch(bs), loss_fn, opt, steps=int(tc["steps"]), out=out, device=dev,
-                 val_fn=val_fn, val_every=int(tc.get("val_every", 250)), max_minutes=tc.get("max_minutes"),
-                 schedule=_schedule(opt, lr0, float(tc.get("lr_final", 1e-4)), float(tc.get("momentum", 0.6)),
-                                    float(tc.get("momentum_final", 0.9))), desc="DeepMedic")
-        _save_stage1(out, key, s1, rng)
+    opt = _rmsprop(net.parameters(), tc, lr0)
+    s1 = fit(net, lambda: sampler.batch(bs), loss_fn, opt, steps=int(tc["steps"]), out=out, device=dev,
+             val_fn=val_fn, val_every=int(tc.get("val_every", 250)), max_minutes=tc.get("max_minutes"),
+             schedule=_schedule(opt, lr0, float(tc.get("lr_final", 1e-4)), float(tc.get("momentum", 0.6)),
+                                float(tc.get("momentum_final", 0.9))), desc="DeepMedic",
+             resume_key=settings_key(cfg, drop_train=("finetune",)) if resume else None, rng=rng)
     summary: dict[str, Any] = {"stage1": s1, "n_clones": len(clones)}
     best, steps, duration = s1["best_val"], s1["steps_done"], s1["duration_s"]
 
@@ -188,7 +145,8 @@ def train_deepmedic(cfg: dict[str, Any], *, resume: bool = True) -> Path:
                  val_fn=val_fn, val_every=int(ft.get("val_every", tc.get("val_every", 250))), best=best,
                  max_minutes=ft.get("max_minutes"), log_name="log_finetune.csv",
                  schedule=_schedule(opt, lr_ft, float(ft.get("lr_final", lr_ft / 10)), float(tc.get("momentum", 0.6)),
-                                    float(tc.get("momentum_final", 0.9))), desc="error-map fine-tuning")
+                                    float(tc.get("momentum_final", 0.9))), desc="error-map fine-tuning",
+                 resume_key=settings_key(cfg) if resume else None, rng=rng)
         net.freeze(0)
         summary["finetune"] = s2
         best, steps, duration = max(best, s2["best_val"]), steps + s2["steps_done"], duration + s2["duration_s"]

@@ -36,7 +36,7 @@ from strokeseg.losses import FocalLoss
 from strokeseg.models import build_network
 
 from ..sampling import BalancedPatchSet
-from ..train import fit, recipe_setup, write_summary
+from ..train import fit, recipe_setup, settings_key, write_summary
 
 
 def expected_channels(card_raw: dict[str, Any]) -> int:
@@ -85,7 +85,8 @@ def train_asymunet(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     it = batches()
     res = fit(net, lambda: next(it), loss, opt, steps=int(tc.get("max_epochs", 50)) * epoch_steps, out=out, device=dev,
               val_fn=lambda m: -patch_l1_error(m, val_set, dev), val_every=epoch_steps,
-              patience=int(tc.get("patience", 8)), max_minutes=tc.get("max_minutes"), desc="AsymResUNet")
+              patience=int(tc.get("patience", 8)), max_minutes=tc.get("max_minutes"), desc="AsymResUNet",
+              resume_key=settings_key(cfg) if resume else None, rng=rng)
     write_summary(out, dev, res["steps_done"], res["duration_s"], -1.0,
                   best_val_l1_plus_error=-res["best_val"], epochs=res["steps_done"] / epoch_steps,
                   train_patches=len(train_set), val_patches=len(val_set),

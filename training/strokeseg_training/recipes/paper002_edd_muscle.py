@@ -40,7 +40,7 @@ from strokeseg.models import build_network, save_weights
 from strokeseg.networks_zoo.muscle import EDDMuscle, muscle_training_samples
 
 from ..sampling import SlicePatchSampler
-from ..train import fit, recipe_setup, validate, write_summary
+from ..train import fit, recipe_setup, settings_key, validate, write_summary
 
 
 def edd_muscle_module(net: nn.Module) -> EDDMuscle:
@@ -143,7 +143,8 @@ def train_edd_muscle(cfg: dict[str, Any], *, resume: bool = True) -> Path:
 
     res = fit(heads, lambda: sampler.batch(bs), loss, opt, steps=int(tc["steps"]), out=out, device=dev, val_fn=val_fn,
               val_every=int(tc.get("val_every", 250)), max_minutes=tc.get("max_minutes"),
-              weights_name="edd_best.safetensors", desc="EDD Net")
+              weights_name="edd_best.safetensors", desc="EDD Net",
+              resume_key=settings_key(cfg, drop_train=("muscle",)) if resume else None, rng=rng)
     heads.load_state_dict(load_file(str(out / "edd_best.safetensors")))
     net.eval()
 
