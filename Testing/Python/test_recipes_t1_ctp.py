@@ -327,15 +327,16 @@ def test_run_folder_knows_when_the_budget_ran_out_at_a_validated_step(tmp_path):
     from strokeseg_training.recipes._runloop import RunFolder
 
     net = torch.nn.Linear(2, 2)
-    run = RunFolder(tmp_path, ["loss"])
-    assert run.resume({"net": net}, {}, torch.device("cpu"), True) == 0
+    run = RunFolder(tmp_path, ["loss"], "key")
+    assert run.resume({"net": net}, torch.device("cpu"), True) == 0
     assert not run.budget_spent_at_validation(0, -1.0)  # nothing validated yet
-    run.checkpoint(3, net, 0.5, {"net": net}, {})
+    run.checkpoint(3, net, 0.5)
     assert run.budget_spent_at_validation(3, -1.0) and not run.budget_spent_at_validation(3, 1e9)
     assert not run.budget_spent_at_validation(4, -1.0)
-    again = RunFolder(tmp_path, ["loss"])
-    assert again.resume({"net": net}, {}, torch.device("cpu"), True) == 3
+    again = RunFolder(tmp_path, ["loss"], "key")
+    assert again.resume({"net": net}, torch.device("cpu"), True) == 3
     assert again.budget_spent_at_validation(3, -1.0)
+    assert RunFolder(tmp_path, ["loss"], "other settings").resume({"net": net}, torch.device("cpu"), True) == 0
 
 
 def test_paper003_stops_at_a_validated_step_when_the_budget_is_spent(tmp_path):
@@ -357,6 +358,27 @@ def test_paper003_stops_at_a_validated_step_when_the_budget_is_spent(tmp_path):
                        *_sets(base + ["train.steps=9", "train.max_minutes=0"])]) == 0
     assert log.read_text(encoding="utf-8") == before
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text(encoding="utf-8"))["steps_done"] == 3
+
+
+def test_paper003_continued_is_the_uninterrupted_run(tmp_path):
+    """3 steps, then the same command with 6: the log and weights of one 6-step run (the sampler's
+    place in its shuffled pass and the generators are checkpointed); other settings start afresh."""
+    root = _t1_dataset(tmp_path / "t1data")
+    data = {"source": "generic", "root": str(root), "folds": 2, "fold": 0, "test_fraction": 0.34, "seed": 0,
+            "cache_dir": str(tmp_path / "cache"), "workers": 1, "n_val": 2, "n_test": 2}
+    base = [f"data={json.dumps(data)}", "card.target_spacing=[2.0,2.0,2.0]", "card.inference.roi_size=[32,32,32]",
+            "card.network.args.channels=[3,3,4,4,4]", "card.network.args.fc_channels=4", "train.val_every=3",
+            "train.batch_size=8", "train.lr=0.001", "train.epsilon=0.05"]
+    config = str(CONFIGS / "paper003_t1_cnn.json")
+    assert train_main(["train", "--config", config, *_sets(base + [f"run_dir={tmp_path / 'whole'}", "train.steps=6"])]) == 0
+    cut = [f"run_dir={tmp_path / 'cut'}"]
+    assert train_main(["train", "--config", config, *_sets(base + cut + ["train.steps=3"])]) == 0
+    assert train_main(["train", "--config", config, *_sets(base + cut + ["train.steps=6"])]) == 0
+    rows = lambda run: [r.split(",")[:4] for r in (tmp_path / run / "log.csv").read_text(encoding="utf-8").splitlines()]  # noqa: E731
+    assert rows("cut") == rows("whole") and len(rows("whole")) == 3
+    assert (tmp_path / "cut" / "last.safetensors").read_bytes() == (tmp_path / "whole" / "last.safetensors").read_bytes()
+    assert train_main(["train", "--config", config, *_sets(base + cut + ["train.steps=6", "train.lr=0.002"])]) == 0
+    assert rows("cut")[1] != rows("whole")[1]  # trained again from step 1 with the new rate
 
 
 def test_paper003_recipe_end_to_end_smoke(tmp_path):

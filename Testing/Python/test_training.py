@@ -21,7 +21,7 @@ from strokeseg_training.config import load_config
 CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / "dwi_unet.json"
 
 
-def test_dwi_recipe_end_to_end_smoke(tmp_path):
+def test_dwi_recipe_end_to_end_smoke(tmp_path, capsys):
     models = tmp_path / "models"
     overrides = [
         f"run_dir={tmp_path / 'run'}", f"models_dir={models}",
@@ -49,6 +49,10 @@ def test_dwi_recipe_end_to_end_smoke(tmp_path):
     assert train_main(["train", "--config", str(CONFIG)] + more) == 0
     assert (run / "log.csv").read_text(encoding="utf-8") == before
     assert json.loads((run / "train_summary.json").read_text(encoding="utf-8"))["steps_done"] == 4
+    assert "resuming at step 4 of 8" in capsys.readouterr().out
+    # Other settings are not a silent continuation of the old run: it trains again from step 1.
+    assert train_main(["train", "--config", str(CONFIG)] + more + ["--set", "train.lr=0.001"]) == 0
+    assert "written for other settings" in capsys.readouterr().out
 
     # The export is a valid, loadable model that the engine runs through its card alone.
     (card,) = load_registry(models)
@@ -271,8 +275,10 @@ def test_fit_resumes_as_the_uninterrupted_run(tmp_path, capsys):
     assert drawn == 0 and "(finished)" in capsys.readouterr().out
     assert (cut / "best.safetensors").read_bytes() == (whole / "best.safetensors").read_bytes()
     assert res["steps_done"] == 6 and res["best_val"] == expected["best_val"]
+    res, drawn = _fit_run(cut, "k", steps=8)  # a longer run continues
+    assert drawn == 2 and res["steps_done"] == 8
     _res, drawn = _fit_run(cut, "other settings")
-    assert drawn == 6 and "other settings; training from the start" in capsys.readouterr().out
+    assert drawn == 6 and "written for other settings" in capsys.readouterr().out
 
 
 def test_pos_weight_makes_missed_lesion_voxels_cost_more():

@@ -7,8 +7,6 @@ engine's own sliding-window inference, best-checkpoint selection on validation D
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 import json
 import math
 import os
@@ -23,11 +21,11 @@ from monai.losses import DiceCELoss, DiceFocalLoss
 from tqdm import tqdm
 
 from strokeseg.inference import predict
-from strokeseg.io import write_bytes
 from strokeseg.models import build_network, save_weights
 
-from .config import NOT_IN_DATA_KEY, REPO_ROOT, card_of, run_dir
+from .config import REPO_ROOT, card_of, run_dir
 from .data import build_split, load_volumes
+from .resume import Checkpoint, generator_states, settings_key
 from .sampling import PatchSampler, augmentation
 
 
@@ -165,12 +163,13 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
 
     start, best, smoothed, elapsed0 = 0, -1.0, None, 0.0
-    ckpt = out / "checkpoint.pt"
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=dev, weights_only=True)  # our own file; still no pickled code
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        start, best, elapsed0 = int(state["step"]), float(state["best"]), float(state.get("elapsed_s", 0.0))
+    # Not bit-exact on resume: MONAI's random transforms keep generators of their own.
+    ckpt = Checkpoint(out / "checkpoint.pt", settings_key(cfg), {"net": net, "opt": opt})
+    state = ckpt.load(dev) if resume else None
+    if state is not None:
+        start, best, elapsed0 = int(state["step"]), float(state["best"]), float(state["elapsed_s"])
+        if rank == 0:
+            print(f"resuming at step {start} of {steps} from {ckpt.path}")
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     module = net.module if world > 1 else net
@@ -212,8 +211,7 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
                     best = val_dice
                     save_weights(module, out / "best.safetensors")
                 save_weights(module, out / "last.safetensors")
-                torch.save({"net": module.state_dict(), "opt": opt.state_dict(), "step": step + 1, "best": best,
-                            "elapsed_s": time.time() - t0}, ckpt)
+                ckpt.save(step=step + 1, best=best, elapsed_s=time.time() - t0)
                 plot_curves(log_csv, out / "curves.png")
             if (step + 1) % 25 == 0 or val:
                 with log_csv.open("a") as f:
@@ -231,47 +229,6 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
 
 
 # -- a plain single-process loop for the paper recipes (recipes/paper00*.py) ------------------
-
-
-def settings_key(cfg: dict[str, Any], drop_train: tuple[str, ...] = ()) -> str:
-    """What a run's weights depend on: the card, the data (not free text or worker counts) and
-    the training settings other than ``drop_train`` (e.g. a later stage's own block). A
-    checkpoint written under another key is not resumed."""
-    blob = json.dumps({"card": cfg["card"],
-                       "data": {k: v for k, v in cfg["data"].items() if k not in NOT_IN_DATA_KEY},
-                       "train": {k: v for k, v in cfg["train"].items() if k not in drop_train}},
-                      sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-
-class _FitState:
-    """The resumable state of one :func:`fit` loop, written at every validation to
-    ``<log stem>.ckpt`` beside the log: network and optimiser, the best weights, the loop's
-    counters, and the numpy and torch generators' states (so that a resumed CPU run draws the
-    same batches and dropout masks as the uninterrupted one). Our own file, read back with
-    ``weights_only``; a checkpoint of other settings (``key``) is ignored."""
-
-    def __init__(self, path: Path, key: str):
-        self.path, self.key = path, key
-        self.best_state: dict[str, torch.Tensor] | None = None
-
-    def save(self, net: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator | None,
-             **loop: Any) -> None:
-        state = {"key": self.key, "net": net.state_dict(), "opt": opt.state_dict(), "best_state": self.best_state,
-                 "numpy_rng": json.dumps(rng.bit_generator.state) if rng is not None else "",
-                 "torch_rng": torch.get_rng_state(), **loop}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_bytes(buffer.getvalue(), self.path)  # atomic: a crash while saving keeps the previous one
-
-    def load(self, device: torch.device) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        state = torch.load(self.path, map_location=device, weights_only=True)
-        if state.get("key") != self.key:
-            print(f"{self.path}: written for other settings; training from the start")
-            return None
-        return state
 
 
 def _truncate_log(log: Path, step: int) -> None:
@@ -292,30 +249,26 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
     or momentum; ``patience`` validation rounds without improvement stop early (paper 001's early
     stopping); ``max_minutes`` caps the time. The log is ``out/log_name`` (step, loss, lr, val).
 
-    With ``resume_key`` (see :func:`settings_key`) the loop checkpoints at every validation and a
-    later call with the same key continues from the last one; a finished loop is not run again.
+    With ``resume_key`` (:func:`~strokeseg_training.resume.settings_key`) the loop checkpoints at
+    every validation and a later call with the same key continues from the last one (up to the
+    new ``steps`` and budget); a loop stopped early by ``patience`` is not run again.
     ``rng`` is the generator ``next_batch`` draws from: restored with the checkpoint, the resumed
     run is the uninterrupted one, provided ``next_batch`` holds no other state between
     validations (paper 001's epochs end at validations, paper 000/002 draw every batch afresh)."""
     log = out / log_name
-    saver = _FitState(log.with_suffix(".ckpt"), resume_key) if resume_key is not None else None
-    state = saver.load(device) if saver is not None else None
-    smoothed, rounds_without, done, elapsed0, finished = None, 0, 0, 0.0, False
+    ckpt = (Checkpoint(log.with_suffix(".ckpt"), resume_key, {"net": net, "opt": opt, **generator_states(rng)})
+            if resume_key is not None else None)
+    state = ckpt.load(device) if ckpt is not None else None
+    smoothed, rounds_without, done, elapsed0, finished, best_state = None, 0, 0, 0.0, False, None
     if state is None:
         log.write_text("step,loss,lr,val,elapsed_s\n")
     else:
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        done, best, smoothed = int(state["step"]), float(state["best"]), state["smoothed"]
-        rounds_without, elapsed0, finished = int(state["rounds_without"]), float(state["elapsed_s"]), bool(state["finished"])
-        saver.best_state = state["best_state"]
-        if saver.best_state is not None:
-            save_weights(saver.best_state, out / weights_name)
-        if rng is not None and state["numpy_rng"]:
-            rng.bit_generator.state = json.loads(state["numpy_rng"])
-        torch.set_rng_state(state["torch_rng"].cpu())
+        done, best, smoothed, rounds_without = int(state["step"]), float(state["best"]), state["smoothed"], int(state["rounds_without"])
+        elapsed0, finished, best_state = float(state["elapsed_s"]), bool(state["finished"]), state["best_state"]
+        if best_state is not None:
+            save_weights(best_state, out / weights_name)
         _truncate_log(log, done)
-        print(f"{desc}: resuming at step {done} of {steps}{' (finished)' if finished else ''} from {saver.path}")
+        print(f"{desc}: resuming at step {done} of {steps}{' (finished)' if finished or done >= steps else ''} from {ckpt.path}")
     t0 = time.time() - elapsed0
     budget = float(max_minutes) * 60 if max_minutes else math.inf
     validated = done  # checkpoints are written at validations only
@@ -345,17 +298,17 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
             if score > best:
                 best, rounds_without = score, 0
                 save_weights(net, out / weights_name)
-                if saver is not None:
-                    saver.best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                if ckpt is not None:
+                    best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             else:
                 rounds_without += 1
             if patience is not None and rounds_without >= patience:
-                last = True
+                last = finished = True
         with log.open("a") as f:
             f.write(f"{step + 1},{smoothed:.5f},{opt.param_groups[0]['lr']:.3e},{val},{time.time() - t0:.1f}\n")
-        if saver is not None and val:
-            saver.save(net, opt, rng, step=done, best=best, smoothed=smoothed, rounds_without=rounds_without,
-                       elapsed_s=time.time() - t0, finished=last)
+        if ckpt is not None and val:
+            ckpt.save(step=done, best=best, smoothed=smoothed, rounds_without=rounds_without, best_state=best_state,
+                      elapsed_s=time.time() - t0, finished=finished)
         bar.set_postfix(loss=f"{smoothed:.3f}", best=f"{best:.3f}")
         if last:
             break

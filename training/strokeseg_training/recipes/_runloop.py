@@ -16,36 +16,43 @@ import torch
 
 from strokeseg.models import save_weights
 
-from ..train import budget_spent_at_validation, plot_curves
+from ..resume import Checkpoint
+from ..train import _truncate_log, budget_spent_at_validation, plot_curves
 
 
 class RunFolder:
-    """One run's folder: ``log.csv``, ``checkpoint.pt`` (every module and optimiser, our own
-    file, read back with ``weights_only``), ``best.safetensors`` / ``last.safetensors`` of the
-    network the card runs, ``curves.png`` and ``train_summary.json``."""
+    """One run's folder: ``log.csv``, ``checkpoint.pt`` (every module, optimiser and other
+    stateful object, under the settings ``key``: :class:`~strokeseg_training.resume.Checkpoint`),
+    ``best.safetensors`` / ``last.safetensors`` of the network the card runs, ``curves.png`` and
+    ``train_summary.json``."""
 
-    def __init__(self, out: Path, columns: list[str]):
+    def __init__(self, out: Path, columns: list[str], key: str):
         self.out = out
         self.columns = ["step", *columns, "lr", "val_dice", "elapsed_s"]
-        self.ckpt = out / "checkpoint.pt"
+        self.ckpt_path = out / "checkpoint.pt"
+        self.key = key
+        self.ckpt: Checkpoint | None = None
+        self.resumed: dict[str, Any] = {}  # the loop values saved with the checkpoint resumed from
         self.log = out / "log.csv"
         self.best = -1.0
         self.validated_step = 0  # the step of the last validation (= of the checkpoint)
         self.t0 = time.time()
 
-    def resume(self, modules: dict[str, torch.nn.Module], optims: dict[str, torch.optim.Optimizer],
-               device: torch.device, enabled: bool) -> int:
-        """Restore everything from the checkpoint (when ``enabled`` and present); returns the step."""
+    def resume(self, stateful: dict[str, Any], device: torch.device, enabled: bool) -> int:
+        """Restore ``stateful`` (modules, optimisers, generators, a sampler: anything with
+        ``state_dict`` / ``load_state_dict``) from the checkpoint when ``enabled`` and written
+        under this run's key; returns the step to start from."""
+        self.ckpt = Checkpoint(self.ckpt_path, self.key, stateful)
+        state = self.ckpt.load(device) if enabled else None
         start, elapsed = 0, 0.0
-        if enabled and self.ckpt.is_file():
-            state = torch.load(self.ckpt, map_location=device, weights_only=True)
-            for k, m in modules.items():
-                m.load_state_dict(state["modules"][k])
-            for k, o in optims.items():
-                o.load_state_dict(state["optims"][k])
+        if state is not None:
             start, self.best, elapsed = int(state["step"]), float(state["best"]), float(state["elapsed_s"])
+            self.resumed = state
+            print(f"resuming at step {start} from {self.ckpt_path}")
         if start == 0 or not self.log.is_file():
             self.log.write_text(",".join(self.columns) + "\n")
+        else:
+            _truncate_log(self.log, start)
         self.t0 = time.time() - elapsed
         self.validated_step = start  # checkpoints are written at validations only
         return start
@@ -63,17 +70,16 @@ class RunFolder:
         with self.log.open("a") as f:
             f.write(",".join(cells) + "\n")
 
-    def checkpoint(self, step: int, net: torch.nn.Module, val_dice: float,
-                   modules: dict[str, torch.nn.Module], optims: dict[str, torch.optim.Optimizer]) -> None:
-        """After a validation: best/last weights of the card's network, then the full checkpoint."""
+    def checkpoint(self, step: int, net: torch.nn.Module, val_dice: float, **loop: Any) -> None:
+        """After a validation and its :meth:`row`: best/last weights of the card's network, then
+        the full checkpoint with the loop's own values (``loop``, back in :attr:`resumed`)."""
         self.validated_step = step
         if val_dice > self.best:
             self.best = val_dice
             save_weights(net, self.out / "best.safetensors")
         save_weights(net, self.out / "last.safetensors")
-        torch.save({"modules": {k: m.state_dict() for k, m in modules.items()},
-                    "optims": {k: o.state_dict() for k, o in optims.items()},
-                    "step": step, "best": self.best, "elapsed_s": self.elapsed()}, self.ckpt)
+        assert self.ckpt is not None, "resume() first"
+        self.ckpt.save(step=step, best=self.best, elapsed_s=self.elapsed(), **loop)
         self._plot()
 
     def _plot(self) -> None:

@@ -49,7 +49,8 @@ from strokeseg.models import build_network
 
 from ..data import Volume
 from ..sampling import WeightedPatchSampler
-from ..train import fit, recipe_setup, settings_key, validate, write_summary
+from ..resume import settings_key
+from ..train import fit, recipe_setup, validate, write_summary
 
 
 def intensity_variance_clone(volume: Volume, rng: np.random.Generator, name: str | None = None) -> Volume:

@@ -36,7 +36,8 @@ from strokeseg.losses import FocalLoss
 from strokeseg.models import build_network
 
 from ..sampling import BalancedPatchSet
-from ..train import fit, recipe_setup, settings_key, write_summary
+from ..resume import settings_key
+from ..train import fit, recipe_setup, write_summary
 
 
 def expected_channels(card_raw: dict[str, Any]) -> int:

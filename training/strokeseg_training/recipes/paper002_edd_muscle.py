@@ -40,7 +40,8 @@ from strokeseg.models import build_network, save_weights
 from strokeseg.networks_zoo.muscle import EDDMuscle, muscle_training_samples
 
 from ..sampling import SlicePatchSampler
-from ..train import fit, recipe_setup, settings_key, validate, write_summary
+from ..resume import settings_key
+from ..train import fit, recipe_setup, validate, write_summary
 
 
 def edd_muscle_module(net: nn.Module) -> EDDMuscle:

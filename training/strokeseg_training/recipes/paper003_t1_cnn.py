@@ -45,6 +45,7 @@ from strokeseg.models import build_network
 from ..config import card_of, run_dir
 from ..data import Volume, build_split, load_volumes
 from ..train import validate
+from ..resume import generator_states, settings_key
 from ._runloop import RunFolder
 
 
@@ -92,6 +93,13 @@ class CubeSampler:
     def __len__(self) -> int:
         return len(self.centres)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the sampler is in its shuffled pass (checkpointed, so a resume continues it)."""
+        return {"order": torch.from_numpy(self._order), "pos": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._order, self._pos = state["order"].numpy().astype(np.int64), int(state["pos"])
+
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, C, P, P, P) cubes and their (n,) centre labels, from a reshuffled pass over the set."""
         picks = []
@@ -138,11 +146,11 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     budget_s = float(tc.get("max_minutes", 1e9)) * 60
     val_every = int(tc.get("val_every", 500))
 
-    run = RunFolder(out, ["loss"])
-    start = run.resume({"net": net}, {"opt": opt}, dev, resume)
+    run = RunFolder(out, ["loss"], settings_key(cfg))
+    start = run.resume({"net": net, "opt": opt, "sampler": sampler, **generator_states(rng)}, dev, resume)
     print(f"paper 003: {len(sampler)} balanced centres ({sampler.lesion_fraction:.1%} lesion), {steps} steps of {batch}")
     net.train()
-    step, smoothed = start - 1, None
+    step, smoothed = start - 1, run.resumed.get("smoothed")
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="training (003)"):
         if run.budget_spent_at_validation(step, budget_s):
             step -= 1
@@ -158,8 +166,8 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
         last = step + 1 == steps or run.elapsed() > budget_s
         if (step + 1) % val_every == 0 or last:
             val_dice = validate(net, card, val_vols, dev)
-            run.checkpoint(step + 1, net, val_dice, {"net": net}, {"opt": opt})
             run.row(step + 1, {"loss": smoothed}, lr, val_dice)
+            run.checkpoint(step + 1, net, val_dice, smoothed=smoothed)
         elif (step + 1) % 25 == 0:
             run.row(step + 1, {"loss": smoothed}, lr)
         if last:

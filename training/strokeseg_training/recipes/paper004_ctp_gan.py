@@ -55,6 +55,7 @@ from ..config import REPO_ROOT, card_of, run_dir
 from ..data import REFUSED_SUFFIX, SPLIT_SEED_OFFSET, build_split, load_volumes, mark_refused, report_refused
 from ..folds import fold_config, summarise_folds
 from ..train import validate
+from ..resume import generator_states, settings_key
 from ._runloop import RunFolder
 
 LOSS_WEIGHTS = (0.002, 0.5, 1.0)  # generator reconstruction : adversarial : segmentation (paper)
@@ -321,12 +322,11 @@ def _train_one(cfg: dict[str, Any], resume: bool) -> Path:
     aug = tc.get("augment", {})
 
     columns = ["total", "discriminator", "recon", "adversarial", "segmentation"]
-    run = RunFolder(out, columns)
-    modules, optims = {"net": net, "disc": disc}, {"opt_g": opt_g, "opt_d": opt_d}
-    start = run.resume(modules, optims, dev, resume)
+    run = RunFolder(out, columns, settings_key(cfg))
+    start = run.resume({"net": net, "disc": disc, "opt_g": opt_g, "opt_d": opt_d, **generator_states(rng, gen)}, dev, resume)
     net.train()
     disc.train()
-    smoothed: dict[str, float] = {}
+    smoothed: dict[str, float] = dict(run.resumed.get("smoothed", {}))
     step = start - 1
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="training (004)"):
         if run.budget_spent_at_validation(step, budget_s):
@@ -344,8 +344,8 @@ def _train_one(cfg: dict[str, Any], resume: bool) -> Path:
         last = step + 1 == steps or run.elapsed() > budget_s
         if (step + 1) % val_every == 0 or last:
             val_dice = validate(net, card, val_vols, dev)
-            run.checkpoint(step + 1, net, val_dice, modules, optims)
             run.row(step + 1, smoothed, lr * factor, val_dice)
+            run.checkpoint(step + 1, net, val_dice, smoothed=smoothed)
         elif (step + 1) % 25 == 0:
             run.row(step + 1, smoothed, lr * factor)
         if last:
