@@ -374,6 +374,30 @@ def test_paper000_resumes_after_stage_1(tmp_path, capsys):
     assert "resuming" not in capsys.readouterr().out
 
 
+def test_paper000_fine_tunes_earlier_weights(tmp_path, capsys):
+    """train.init_weights + train.steps 0: stage 1 only scores the given weights (once, also
+    when run again), then E2 fine-tunes them."""
+    import shutil
+
+    from strokeseg_training.cli import main
+
+    _root, config = tiny_deepmedic(tmp_path, {"steps": 2, "val_every": 2, "freeze_layers": 8})
+    assert main(["train", "--config", str(config), "--set", "train.finetune.steps=0"]) == 0
+    shutil.copyfile(tmp_path / "run" / "best.safetensors", tmp_path / "stage1.safetensors")
+    e2 = ["--set", f"train.init_weights={tmp_path / 'stage1.safetensors'}", "--set", "train.steps=0",
+          "--set", f"run_dir={tmp_path / 'e2'}"]
+    assert main(["train", "--config", str(config), *e2]) == 0
+    log = (tmp_path / "e2" / "log.csv").read_text(encoding="utf-8").splitlines()
+    assert len(log) == 2 and log[1].startswith("0,nan,")
+    first = json.loads((tmp_path / "run" / "train_summary.json").read_text(encoding="utf-8"))
+    summary = json.loads((tmp_path / "e2" / "train_summary.json").read_text(encoding="utf-8"))
+    assert summary["stage1"]["best_val"] == pytest.approx(first["best_val_dice"])  # the same weights, scored again
+    assert summary["finetune"]["steps_done"] == 2
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), *e2]) == 0
+    assert "DeepMedic: resuming at step 0 of 0 (finished)" in capsys.readouterr().out
+
+
 def test_paper001_end_to_end(tmp_path):
     root = make_dataset(tmp_path / "data", ["dwi", "adc"])
     config = tiny_config(tmp_path, "paper001_asymunet.json", root, card={

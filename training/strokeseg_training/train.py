@@ -105,6 +105,17 @@ def plot_curves(log_csv: Path, png: Path, val_label: str = "validation Dice (who
     plt.close(fig)
 
 
+def load_init_weights(net: torch.nn.Module, tc: dict[str, Any]) -> torch.nn.Module:
+    """``train.init_weights``: a run that starts from an earlier run's weights (safetensors only;
+    a relative path is from the repository root)."""
+    if tc.get("init_weights"):
+        from safetensors.torch import load_file
+
+        init = Path(tc["init_weights"])
+        net.load_state_dict(load_file(str(init if init.is_absolute() else REPO_ROOT / init)))
+    return net
+
+
 def budget_spent_at_validation(validated_step: int, step: int, elapsed_s: float, budget_s: float) -> bool:
     """True when a loop is about to run ``step`` with its time budget gone and the weights of
     ``step`` already validated (the budget ran out during that validation, or a resume after it):
@@ -138,13 +149,7 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
                            hard_negative_fraction=float(tc.get("hard_negative_fraction", 0.0)),
                            hard_negative_quantile=float(tc.get("hard_negative_quantile", 99.5)),
                            hard_negative_kind=str(tc.get("hard_negative_kind", "bright")))
-    net = build_network(card)
-    if tc.get("init_weights"):  # fine-tuning starts from an earlier run's weights (safetensors only)
-        from safetensors.torch import load_file
-
-        init = Path(tc["init_weights"])
-        net.load_state_dict(load_file(str(init if init.is_absolute() else REPO_ROOT / init)))
-    net = net.to(dev)
+    net = load_init_weights(build_network(card), tc).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=float(tc.get("lr", 2e-3)), weight_decay=float(tc.get("weight_decay", 1e-4)))
     steps = int(tc["steps"])
     warm = int(tc.get("warmup", 100))
@@ -273,6 +278,20 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
     budget = float(max_minutes) * 60 if max_minutes else math.inf
     validated = done  # checkpoints are written at validations only
     net.to(device).train()
+    if steps == 0 and state is None:  # no training: score the weights it was given (train.init_weights)
+        net.eval()
+        with torch.no_grad():
+            score = float(val_fn(net))
+        net.train()
+        if score > best:
+            best = score
+            save_weights(net, out / weights_name)
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()} if ckpt is not None else None
+        with log.open("a") as f:
+            f.write(f"0,nan,{opt.param_groups[0]['lr']:.3e},{score:.5f},{time.time() - t0:.1f}\n")
+        if ckpt is not None:  # a rerun does not score them again
+            ckpt.save(step=0, best=best, smoothed=None, rounds_without=0, best_state=best_state,
+                      elapsed_s=time.time() - t0, finished=False)
     bar = tqdm(range(done, steps if not finished else done), initial=done, total=steps, desc=desc, leave=False)
     for step in bar:
         if budget_spent_at_validation(validated, step, time.time() - t0, budget):

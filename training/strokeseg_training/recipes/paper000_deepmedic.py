@@ -28,6 +28,9 @@ Simplified: the error maps come from the stage-1 network on its own training cas
 used out-of-fold test predictions of its 5-fold CV); one train/val/test split, not 5 folds;
 no CRF (the paper's DeepMedic had none enabled either in its reported pipeline).
 
+``train.init_weights`` with ``train.steps`` 0 runs E2 alone on an earlier run's stage-1 weights
+(scored once on validation, then fine-tuned).
+
 Resume: each stage checkpoints at its validations (``log.ckpt``, ``log_finetune.ckpt``: see
 :func:`~strokeseg_training.train.fit`) and a rerun continues where it stopped, exactly as the
 uninterrupted run would have (CPU). Stage 1's checkpoint is keyed without the fine-tune's
@@ -50,7 +53,7 @@ from strokeseg.models import build_network
 from ..data import Volume
 from ..sampling import WeightedPatchSampler
 from ..resume import settings_key
-from ..train import fit, recipe_setup, validate, write_summary
+from ..train import fit, load_init_weights, recipe_setup, validate, write_summary
 
 
 def intensity_variance_clone(volume: Volume, rng: np.random.Generator, name: str | None = None) -> Volume:
@@ -100,7 +103,7 @@ def train_deepmedic(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     patch = tuple(int(v) for v in reversed(card.patch_size))
     clones = [intensity_variance_clone(v, rng, f"{v.name}-clone{k}")
               for k in range(int(tc.get("n_clones", 1))) for v in train_vols if (v.label > 0).any()]
-    net = build_network(card).to(dev)
+    net = load_init_weights(build_network(card), tc).to(dev)  # steps 0: the fine-tune of earlier weights
     loss_ce = CrossEntropy()
     l1 = float(tc.get("l1", 1e-6))
 
