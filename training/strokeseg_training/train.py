@@ -264,35 +264,51 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
     ckpt = (Checkpoint(log.with_suffix(".ckpt"), resume_key, {"net": net, "opt": opt, **generator_states(rng)})
             if resume_key is not None else None)
     state = ckpt.load(device) if ckpt is not None else None
-    smoothed, rounds_without, done, elapsed0, finished, best_state = None, 0, 0, 0.0, False, None
+    loop: dict[str, Any] = {"step": 0, "best": best, "smoothed": None, "rounds_without": 0, "best_state": None,
+                            "finished": False, "elapsed_s": 0.0}
     if state is None:
         log.write_text("step,loss,lr,val,elapsed_s\n")
     else:
-        done, best, smoothed, rounds_without = int(state["step"]), float(state["best"]), state["smoothed"], int(state["rounds_without"])
-        elapsed0, finished, best_state = float(state["elapsed_s"]), bool(state["finished"]), state["best_state"]
-        if best_state is not None:
-            save_weights(best_state, out / weights_name)
-        _truncate_log(log, done)
-        print(f"{desc}: resuming at step {done} of {steps}{' (finished)' if finished or done >= steps else ''} from {ckpt.path}")
-    t0 = time.time() - elapsed0
+        loop.update(state)
+        if loop["best_state"] is not None:
+            save_weights(loop["best_state"], out / weights_name)
+        _truncate_log(log, loop["step"])
+        done_note = " (finished)" if loop["finished"] or loop["step"] >= steps else ""
+        print(f"{desc}: resuming at step {loop['step']} of {steps}{done_note} from {ckpt.path}")
+    t0 = time.time() - float(loop["elapsed_s"])
     budget = float(max_minutes) * 60 if max_minutes else math.inf
-    validated = done  # checkpoints are written at validations only
-    net.to(device).train()
-    if steps == 0 and state is None:  # no training: score the weights it was given (train.init_weights)
+
+    def validate_and_keep() -> float:
+        """Score the network; keep its weights (file and checkpoint copy) when they are the best."""
         net.eval()
         with torch.no_grad():
             score = float(val_fn(net))
         net.train()
-        if score > best:
-            best = score
+        if score > loop["best"]:
+            loop.update(best=score, rounds_without=0)
             save_weights(net, out / weights_name)
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()} if ckpt is not None else None
+            if ckpt is not None:
+                loop["best_state"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        else:
+            loop["rounds_without"] += 1
+        return score
+
+    def log_row(step: int, score: float | None) -> None:
+        loss = float("nan") if loop["smoothed"] is None else loop["smoothed"]
         with log.open("a") as f:
-            f.write(f"0,nan,{opt.param_groups[0]['lr']:.3e},{score:.5f},{time.time() - t0:.1f}\n")
-        if ckpt is not None:  # a rerun does not score them again
-            ckpt.save(step=0, best=best, smoothed=None, rounds_without=0, best_state=best_state,
-                      elapsed_s=time.time() - t0, finished=False)
-    bar = tqdm(range(done, steps if not finished else done), initial=done, total=steps, desc=desc, leave=False)
+            f.write(f"{step},{loss:.5f},{opt.param_groups[0]['lr']:.3e},{'' if score is None else f'{score:.5f}'},"
+                    f"{time.time() - t0:.1f}\n")
+
+    def checkpoint() -> None:
+        if ckpt is not None:
+            ckpt.save(**{**loop, "elapsed_s": time.time() - t0})
+
+    net.to(device).train()
+    if steps == 0 and state is None:  # no training: score the weights it was given (train.init_weights)
+        log_row(0, validate_and_keep())
+        checkpoint()  # a rerun does not score them again
+    validated = done = int(loop["step"])  # checkpoints are written at validations only
+    bar = tqdm(range(done, done if loop["finished"] else steps), initial=done, total=steps, desc=desc, leave=False)
     for step in bar:
         if budget_spent_at_validation(validated, step, time.time() - t0, budget):
             break
@@ -303,38 +319,24 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-        done = step + 1
+        loop["smoothed"] = loss.item() if loop["smoothed"] is None else 0.95 * loop["smoothed"] + 0.05 * loss.item()
+        done = loop["step"] = step + 1
         last = done == steps or time.time() - t0 > budget
-        val = ""
         if done % max(int(val_every), 1) == 0 or last:
             validated = done
-            net.eval()
-            with torch.no_grad():
-                score = float(val_fn(net))
-            net.train()
-            val = f"{score:.5f}"
-            if score > best:
-                best, rounds_without = score, 0
-                save_weights(net, out / weights_name)
-                if ckpt is not None:
-                    best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            else:
-                rounds_without += 1
-            if patience is not None and rounds_without >= patience:
-                last = finished = True
-        with log.open("a") as f:
-            f.write(f"{step + 1},{smoothed:.5f},{opt.param_groups[0]['lr']:.3e},{val},{time.time() - t0:.1f}\n")
-        if ckpt is not None and val:
-            ckpt.save(step=done, best=best, smoothed=smoothed, rounds_without=rounds_without, best_state=best_state,
-                      elapsed_s=time.time() - t0, finished=finished)
-        bar.set_postfix(loss=f"{smoothed:.3f}", best=f"{best:.3f}")
+            log_row(done, validate_and_keep())
+            if patience is not None and loop["rounds_without"] >= patience:
+                last = loop["finished"] = True
+            checkpoint()
+        else:
+            log_row(done, None)
+        bar.set_postfix(loss=f"{loop['smoothed']:.3f}", best=f"{loop['best']:.3f}")
         if last:
             break
     if not (out / weights_name).is_file():  # never validated better than the given best: keep the last
         save_weights(net, out / weights_name)
     plot_curves(log, out / (log.stem.replace("log", "curves", 1) + ".png"), "validation score (higher is better)")
-    return {"steps_done": done, "best_val": best, "duration_s": time.time() - t0}
+    return {"steps_done": done, "best_val": loop["best"], "duration_s": time.time() - t0}
 
 
 def recipe_setup(cfg: dict[str, Any]) -> tuple[Path, Any, list, list, torch.device, np.random.Generator]:
