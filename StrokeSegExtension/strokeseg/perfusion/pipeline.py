@@ -28,7 +28,7 @@ from .aif import CT_VESSEL_HU, select_input_functions
 from .concentration import DEFAULT_TE_S, bolus_timing, concentration_frame, detect_kind
 from .decision import Thresholds, decide, healthy_reference, hemispheres
 from .deconvolution import deconvolve, reference_gain, time_to_peak
-from .denoise import guided_bilateral
+from .denoise import guided_bilateral, temporal_pca
 from .masks import ct_masks, mr_masks
 from .motion import CT_REGISTRATION_HU, correct_motion
 from .series import resample_time, uniform_grid, validate_series
@@ -59,6 +59,7 @@ class PerfusionSettings:
     denoise: str | None = None  # "bilateral" (guided, edge-preserving) or "gaussian"; None: per modality (DENOISE)
     h_anatomy: float | None = 1.5  # bilateral: baseline-image range width, in noise SDs (None: no anatomy guide)
     h_perfusion: float | None = 4.0  # bilateral: bolus-amplitude range width, in noise SDs (None: no perfusion guide)
+    temporal_components: int | None = None  # tissue curves kept in this many principal components before the spatial filter (None/0: off)
     oi: float | None = None  # None: DEFAULT_OI, raised for short series (see deconvolve)
     min_cutoff: float | None = None  # least SVD cut-off (fraction of s_max); None: per modality (MIN_CUTOFF); 0: none
     pv_correction: bool = True
@@ -116,7 +117,8 @@ def _smoothed(frame_conc: np.ndarray, mask: np.ndarray, norm: np.ndarray, sigma:
 
 def _curves(arr: np.ndarray, s0: np.ndarray, masks, kind: str, te_s: float, sigma_mm: float,
             spacing: tuple[float, float, float], denoise: str = "gaussian", h_anatomy: float | None = None,
-            h_perfusion: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            h_perfusion: float | None = None, temporal_components: int | None = None,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Concentration curves of the search region (time x voxel): raw (for the arterial input and
     the vessels) and denoised within the parenchyma (for the maps); the parenchyma mask without
     vessels; and which search voxels are saturated."""
@@ -136,16 +138,16 @@ def _curves(arr: np.ndarray, s0: np.ndarray, masks, kind: str, te_s: float, sigm
         saturated = ((arr[:, search] >= float(arr.max())).sum(axis=0) >= 2) & (peak_raw > CT_VESSEL_HU)
     else:  # signal fallen to ~the noise floor: dR2* no longer measurable
         saturated = (arr[:, search] / np.maximum(s0[search], 1e-6)).min(axis=0) < 0.03
-    smooth = raw
+    smooth = temporal_pca(raw, tissue[search], temporal_components) if temporal_components else raw
     if sigma_mm > 0 and denoise == "bilateral":
-        smooth = guided_bilateral(raw, search, tissue, s0, spacing, sigma_mm, h_anatomy=h_anatomy, h_perfusion=h_perfusion)
+        smooth = guided_bilateral(smooth, search, tissue, s0, spacing, sigma_mm, h_anatomy=h_anatomy, h_perfusion=h_perfusion)
     elif sigma_mm > 0:
         sigma = [0.0, sigma_mm / spacing[1], sigma_mm / spacing[0]]
         norm = ndimage.gaussian_filter(tissue.astype(np.float32), sigma, mode="nearest")
-        smooth = np.empty_like(raw)
+        pre, smooth = smooth, np.empty_like(raw)
         grid = np.zeros(search.shape, np.float32)
         for k in range(n_t):
-            grid[search] = raw[k]
+            grid[search] = pre[k]
             smooth[k] = _smoothed(grid, tissue, norm, sigma)[search]
     return raw, smooth, tissue, saturated
 
@@ -230,7 +232,7 @@ def run_perfusion(
     denoise = st.denoise if st.denoise is not None else DENOISE[kind]
     sigma_mm = st.smooth_mm if st.smooth_mm is not None else SMOOTH_MM[(kind, denoise)]
     raw, smooth, tissue, saturated = _curves(arr, s0, masks, kind, te_s or 1.0, sigma_mm, series.spacing, denoise,
-                                             st.h_anatomy, st.h_perfusion)
+                                             st.h_anatomy, st.h_perfusion, st.temporal_components)
     t_grid, dt = uniform_grid(times)
     raw_u = resample_time(raw, times, t_grid)
     smooth_u = resample_time(smooth, times, t_grid)
@@ -302,7 +304,7 @@ def run_perfusion(
         "motion": motion_info,
         "tissue_ml": round(float(np.count_nonzero(tissue)) * geom.voxel_volume_ml, 2),
         "settings": {"smooth_mm": sigma_mm, "denoise": denoise, "h_anatomy": st.h_anatomy, "h_perfusion": st.h_perfusion,
-                     "oi": st.oi, "min_cutoff": min_cutoff, "pv_correction": st.pv_correction,
+                     "temporal_components": st.temporal_components, "oi": st.oi, "min_cutoff": min_cutoff, "pv_correction": st.pv_correction,
                      "tmax_bias_correction": st.correct_tmax_bias, "reference_gain": st.reference_gain,
                      "motion_correction": st.motion_correction, "max_motion_mm": st.max_motion_mm},
         "notes": [n for n in [te_note, *inputs.notes] if n],
