@@ -156,24 +156,25 @@ def main(argv=None) -> int:
     ap.add_argument("--min-cutoff", type=float, default=None, help="least SVD cut-off (default: the engine's per modality; 0: plain oSVD)")
     ap.add_argument("--smooth-mm", type=float, default=None, help="in-plane smoothing sigma (default: the engine's)")
     ap.add_argument("--denoise", default=None, choices=["bilateral", "gaussian"], help="curve denoising (default: the engine's)")
-    ap.add_argument("--h-anatomy", type=float, default=-1.0, help="bilateral anatomy range width (default: the engine's; 0: off)")
-    ap.add_argument("--h-perfusion", type=float, default=-1.0, help="bilateral perfusion range width (default: the engine's; 0: off)")
+    ap.add_argument("--h-anatomy", type=float, default=None, help="bilateral anatomy range width (default: the engine's; 0: off)")
+    ap.add_argument("--h-perfusion", type=float, default=None, help="bilateral perfusion range width (default: the engine's; 0: off)")
+    ap.add_argument("--temporal-components", type=int, default=None, help="temporal principal components kept (default: the engine's; 0: off)")
     ap.add_argument("--residue", default="exponential", choices=list(RESIDUES),
                     help="tissue residue family of the phantoms (default: the generator's; others check the analysis "
                          "does not rely on it)")
     ap.add_argument("--out", default=str(HERE / "results" / "perfusion_accuracy.json"))
     args = ap.parse_args(argv)
-    settings = PerfusionSettings(oi=args.oi, smooth_mm=args.smooth_mm, denoise=args.denoise, min_cutoff=args.min_cutoff)
-    for name in ("h_anatomy", "h_perfusion"):
-        value = getattr(args, name)
-        if value >= 0:
-            setattr(settings, name, value if value > 0 else None)
+    settings = PerfusionSettings(oi=args.oi, smooth_mm=args.smooth_mm, denoise=args.denoise, min_cutoff=args.min_cutoff,
+                                 h_anatomy=args.h_anatomy, temporal_components=args.temporal_components)
+    if args.h_perfusion is not None:
+        settings.h_perfusion = args.h_perfusion
     seed0 = args.seed if args.seed is not None else FIRST_SEED[args.split]
 
     results: dict = {"engine_version": strokeseg.__version__, "targets": TARGETS, "split": args.split, "first_seed": seed0,
                      "lesion_library": args.lesion_library, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
                      "date": time.strftime("%Y-%m-%d %H:%M"), "settings": {"oi": args.oi, "min_cutoff": args.min_cutoff, "smooth_mm": args.smooth_mm, "denoise": args.denoise,
-                                                               "h_anatomy": settings.h_anatomy, "h_perfusion": settings.h_perfusion},
+                                                               "h_anatomy": settings.h_anatomy, "h_perfusion": settings.h_perfusion,
+                                                               "temporal_components": settings.temporal_components},
                      "residue": args.residue,
                      "modalities": {}}
     for modality in args.modality:

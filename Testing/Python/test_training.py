@@ -78,6 +78,19 @@ def test_data_key_follows_the_cases_only():
     assert data_key(load_config(CONFIG, ["card.target_spacing=[3.0,3.0,3.0]"]), "train") != key
 
 
+def test_perfusion_phantom_caches_follow_the_maps_pipeline(monkeypatch):
+    """Perfusion phantoms' inputs are the maps our pipeline computes: a change of its defaults
+    (MAPS_VERSION) makes new caches; DWI caches do not depend on it."""
+    import strokeseg.perfusion.pipeline as pipeline
+    from strokeseg_training.config import data_key
+
+    ctp = load_config(CONFIG.parent / "ctp_unet.json")
+    dwi = load_config(CONFIG)
+    before = data_key(ctp, "train"), data_key(dwi, "train")
+    monkeypatch.setattr(pipeline, "MAPS_VERSION", pipeline.MAPS_VERSION + "-next")
+    assert data_key(ctp, "train") != before[0] and data_key(dwi, "train") == before[1]
+
+
 def test_config_overrides_parse_json():
     cfg = load_config(CONFIG, ["train.steps=7", "card.patch_size=[8,8,8]", "data.note=plain text"])
     assert cfg["train"]["steps"] == 7 and cfg["card"]["patch_size"] == [8, 8, 8] and cfg["data"]["note"] == "plain text"

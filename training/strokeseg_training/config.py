@@ -118,6 +118,12 @@ def data_key(cfg: dict[str, Any], split: str) -> str:
     from strokeseg.phantom import GENERATOR_VERSION
 
     data = {k: v for k, v in cfg["data"].items() if k not in NOT_IN_DATA_KEY}
+    if data.get("source") == "phantom" and data.get("modality") in ("ctp", "pwi"):
+        # their inputs are maps our own pipeline computes from the simulated series
+        from strokeseg.perfusion.pipeline import MAPS_VERSION
+        from strokeseg.phantom.perfusion import GENERATOR_VERSION as PERFUSION_VERSION
+
+        data["generated_by"] = [PERFUSION_VERSION, f"maps-{MAPS_VERSION}"]
     blob = json.dumps({"data": data, "split": split, "generator": GENERATOR_VERSION,
                        "spacing": cfg["card"]["target_spacing"], "norm": cfg["card"].get("normalisation"),
                        "inputs": cfg["card"]["inputs"],
