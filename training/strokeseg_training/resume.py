@@ -43,6 +43,13 @@ def settings_key(cfg: dict[str, Any], drop_train: tuple[str, ...] = ()) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def truncate_log(log: Path, step: int) -> None:
+    """Keep a CSV log's header and its rows up to ``step``: a resumed loop redoes the rest."""
+    lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+    kept = lines[:1] + [ln for ln in lines[1:] if ln and int(ln.split(",", 1)[0]) <= step]
+    log.write_text("\n".join(kept) + "\n")
+
+
 class NumpyGeneratorState:
     """A numpy ``Generator`` with ``state_dict`` / ``load_state_dict``, to checkpoint it as a module."""
 

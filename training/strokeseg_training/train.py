@@ -25,7 +25,7 @@ from strokeseg.models import build_network, save_weights
 
 from .config import REPO_ROOT, card_of, run_dir
 from .data import build_split, load_volumes
-from .resume import Checkpoint, generator_states, settings_key
+from .resume import Checkpoint, generator_states, settings_key, truncate_log
 from .sampling import PatchSampler, augmentation
 
 
@@ -182,6 +182,8 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     log_csv = out / "log.csv"
     if rank == 0 and (start == 0 or not log_csv.is_file()):
         log_csv.write_text("step,loss,lr,val_dice,elapsed_s\n")
+    elif rank == 0:
+        truncate_log(log_csv, start)  # the rows after the checkpoint are trained again
     t0 = time.time() - elapsed0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="training", disable=rank != 0)
     net.train()
@@ -236,13 +238,6 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
 # -- a plain single-process loop for the paper recipes (recipes/paper00*.py) ------------------
 
 
-def _truncate_log(log: Path, step: int) -> None:
-    """Keep the header and the rows up to ``step`` (the rows after a checkpoint are redone)."""
-    lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
-    kept = lines[:1] + [ln for ln in lines[1:] if ln and int(ln.split(",", 1)[0]) <= step]
-    log.write_text("\n".join(kept) + "\n")
-
-
 def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Optimizer, *, steps: int, out: Path,
         device: torch.device, val_fn: Any, val_every: int = 250, schedule: Any = None, max_minutes: float | None = None,
         patience: int | None = None, best: float = -math.inf, log_name: str = "log.csv",
@@ -272,7 +267,7 @@ def fit(net: torch.nn.Module, next_batch: Any, loss_fn: Any, opt: torch.optim.Op
         loop.update(state)
         if loop["best_state"] is not None:
             save_weights(loop["best_state"], out / weights_name)
-        _truncate_log(log, loop["step"])
+        truncate_log(log, loop["step"])
         done_note = " (finished)" if loop["finished"] or loop["step"] >= steps else ""
         print(f"{desc}: resuming at step {loop['step']} of {steps}{done_note} from {ckpt.path}")
     t0 = time.time() - float(loop["elapsed_s"])

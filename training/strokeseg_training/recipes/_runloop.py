@@ -16,8 +16,8 @@ import torch
 
 from strokeseg.models import save_weights
 
-from ..resume import Checkpoint
-from ..train import _truncate_log, budget_spent_at_validation, plot_curves
+from ..resume import Checkpoint, truncate_log
+from ..train import budget_spent_at_validation, plot_curves
 
 
 class RunFolder:
@@ -52,7 +52,7 @@ class RunFolder:
         if start == 0 or not self.log.is_file():
             self.log.write_text(",".join(self.columns) + "\n")
         else:
-            _truncate_log(self.log, start)
+            truncate_log(self.log, start)
         self.t0 = time.time() - elapsed
         self.validated_step = start  # checkpoints are written at validations only
         return start
