@@ -44,8 +44,8 @@ from strokeseg.models import build_network
 
 from ..config import card_of, run_dir
 from ..data import Volume, build_split, load_volumes
-from ..train import validate
 from ..resume import generator_states, settings_key
+from ..train import validate
 from ._runloop import RunFolder
 
 

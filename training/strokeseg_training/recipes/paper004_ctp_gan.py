@@ -54,8 +54,8 @@ from strokeseg.preprocess import canonical_grid, normalise
 from ..config import REPO_ROOT, card_of, run_dir
 from ..data import REFUSED_SUFFIX, SPLIT_SEED_OFFSET, build_split, load_volumes, mark_refused, report_refused
 from ..folds import fold_config, summarise_folds
-from ..train import validate
 from ..resume import generator_states, settings_key
+from ..train import validate
 from ._runloop import RunFolder
 
 LOSS_WEIGHTS = (0.002, 0.5, 1.0)  # generator reconstruction : adversarial : segmentation (paper)
