@@ -1,4 +1,5 @@
-"""Spatial denoising of tissue concentration curves before deconvolution.
+"""Denoising of tissue concentration curves before deconvolution: in time (``temporal_pca``,
+CT) and in space (``guided_bilateral``, or a masked Gaussian).
 
 CT perfusion is noisy: a 1.5-2 mm pixel of a 5 mm slice carries 2-4 HU of quantum noise per
 frame against a grey-matter bolus of ~10 HU, so curves are averaged over neighbours before the

@@ -130,8 +130,9 @@ def _curves(arr: np.ndarray, s0: np.ndarray, masks, kind: str, te_s: float, sigm
             h_perfusion: float | None = None, temporal_components: int | None = None,
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Concentration curves of the search region (time x voxel): raw (for the arterial input and
-    the vessels) and denoised within the parenchyma (for the maps); the parenchyma mask without
-    vessels; and which search voxels are saturated."""
+    the vessels) and denoised within the parenchyma (for the maps: kept in ``temporal_components``
+    principal components, then filtered in space); the parenchyma mask without vessels; and which
+    search voxels are saturated."""
     search = masks.search
     n_t = arr.shape[0]
     raw = np.empty((n_t, int(search.sum())), np.float32)
