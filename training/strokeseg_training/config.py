@@ -102,6 +102,12 @@ def card_of(cfg: dict[str, Any], folder: Path | None = None) -> ModelCard:
     return ModelCard(raw=raw, folder=folder or REPO_ROOT / "Resources" / "Models")
 
 
+def repo_path(p: str | Path) -> Path:
+    """A path from a config: relative paths are from the repository root (as the configs write them)."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+
 def run_dir(cfg: dict[str, Any]) -> Path:
     d = Path(cfg.get("run_dir") or DEFAULT_RUNS / cfg["name"])
     d.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ rerun with more steps or minutes continues the run instead of starting again.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import NOT_IN_DATA_KEY, REPO_ROOT
+from strokeseg.io import write_bytes
+
+from .config import NOT_IN_DATA_KEY, repo_path
 
 NOT_IN_TRAIN_KEY = ("steps", "max_minutes")  # how long, not what: a longer rerun continues
 
@@ -35,7 +38,7 @@ def settings_key(cfg: dict[str, Any], drop_train: tuple[str, ...] = ()) -> str:
     train = {k: v for k, v in cfg["train"].items() if k not in drop_train}
     init = train.get("init_weights")
     if init:
-        path = Path(init) if Path(init).is_absolute() else REPO_ROOT / init
+        path = repo_path(init)
         train["init_weights_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
     blob = json.dumps({"card": cfg["card"],
                        "data": {k: v for k, v in cfg["data"].items() if k not in NOT_IN_DATA_KEY},
@@ -100,10 +103,6 @@ class Checkpoint:
         self.path, self.key, self.stateful = Path(path), key, stateful
 
     def save(self, **loop: Any) -> None:
-        import io
-
-        from strokeseg.io import write_bytes
-
         buffer = io.BytesIO()
         torch.save({"key": self.key, "objects": {k: o.state_dict() for k, o in self.stateful.items()},
                     "loop": loop}, buffer)

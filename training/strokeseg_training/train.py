@@ -23,7 +23,7 @@ from tqdm import tqdm
 from strokeseg.inference import predict
 from strokeseg.models import build_network, save_weights
 
-from .config import REPO_ROOT, card_of, run_dir
+from .config import card_of, repo_path, run_dir
 from .data import build_split, load_volumes
 from .resume import Checkpoint, generator_states, settings_key, truncate_log
 from .sampling import PatchSampler, augmentation
@@ -111,8 +111,7 @@ def load_init_weights(net: torch.nn.Module, tc: dict[str, Any]) -> torch.nn.Modu
     if tc.get("init_weights"):
         from safetensors.torch import load_file
 
-        init = Path(tc["init_weights"])
-        net.load_state_dict(load_file(str(init if init.is_absolute() else REPO_ROOT / init)))
+        net.load_state_dict(load_file(str(repo_path(tc["init_weights"]))))
     return net
 
 

@@ -51,7 +51,7 @@ from strokeseg.models import build_network, save_weights
 from strokeseg.networks import build
 from strokeseg.preprocess import canonical_grid, normalise
 
-from ..config import REPO_ROOT, card_of, run_dir
+from ..config import card_of, repo_path, run_dir
 from ..data import REFUSED_SUFFIX, SPLIT_SEED_OFFSET, build_split, load_volumes, mark_refused, report_refused
 from ..folds import fold_config, summarise_folds
 from ..resume import generator_states, settings_key
@@ -62,11 +62,6 @@ LOSS_WEIGHTS = (0.002, 0.5, 1.0)  # generator reconstruction : adversarial : seg
 
 
 # -- data ------------------------------------------------------------------------------------
-
-
-def _abs(p: str | Path) -> Path:
-    p = Path(p).expanduser()
-    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
 
 
 def _phantom_one(args: tuple[int, str, str, str | None, dict[str, Any]]) -> str:
@@ -102,13 +97,13 @@ def ensure_phantoms(cfg: dict[str, Any], workers: int | None = None) -> None:
     if spec.get("modality", "ctp") != "ctp":
         raise ValueError("paper 004 phantoms are CT perfusion: data.phantom.modality must be 'ctp'")
     library = spec.get("lesion_library")
-    library = str(_abs(library)) if library and _abs(library).is_dir() else None
+    library = str(repo_path(library)) if library and repo_path(library).is_dir() else None
     seed0 = int(spec.get("seed", 0))
     todo = []
     for root_key, count_key, split in (("root", "count", "train"), ("test_root", "test_count", "test")):
         if not d.get(root_key) or not int(spec.get(count_key, 0)):
             continue
-        root = _abs(d[root_key])
+        root = repo_path(d[root_key])
         root.mkdir(parents=True, exist_ok=True)
         for k in range(int(spec[count_key])):
             seed = seed0 + SPLIT_SEED_OFFSET[split] + k
@@ -126,7 +121,7 @@ def ensure_phantoms(cfg: dict[str, Any], workers: int | None = None) -> None:
             _phantom_one(t)
     for key in ("root", "test_root"):
         if d.get(key):
-            report_refused(_abs(d[key]), str(d[key]))
+            report_refused(repo_path(d[key]), str(d[key]))
 
 
 def dwi_targets(cfg: dict[str, Any], npz_files: Sequence[Path]) -> list[np.ndarray]:
