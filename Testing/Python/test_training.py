@@ -17,6 +17,7 @@ from strokeseg.phantom import simulate_dwi
 from strokeseg.pipeline import segment_images
 from strokeseg_training.cli import main as train_main
 from strokeseg_training.config import load_config
+from strokeseg_training.export import BUNDLED_MODELS, export_target
 
 CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / "dwi_unet.json"
 
@@ -63,6 +64,30 @@ def test_dwi_recipe_end_to_end_smoke(tmp_path, capsys):
     res = segment_images({"dwi": case.images["dwi"], "b0": case.images["b0"]}, model=get_card("dwi-unet", models),
                          device="cpu")
     assert res.mask.same_grid(case.images["dwi"]) and np.isfinite(res.probability.array).all()
+
+    # The run was since retrained with other settings: its weights may not replace the exported
+    # ones under the same id and version (nothing is written); a new version exports, and
+    # exporting the same weights again is harmless.
+    card_before = (models / "dwi_unet" / "card.json").read_bytes()
+    export_args = ["export", "--config", str(CONFIG)] + [a for o in overrides for a in ("--set", o)]
+    assert train_main(export_args) == 2
+    assert "already holds dwi-unet 1.0.0 with other weights" in capsys.readouterr().err
+    assert (models / "dwi_unet" / "card.json").read_bytes() == card_before
+    for _ in range(2):
+        assert train_main(export_args + ["--set", "card.version=1.0.1"]) == 0
+    assert get_card("dwi-unet", models).version == "1.0.1"
+
+
+def test_a_variant_run_is_not_exported_into_the_bundled_models(tmp_path, capsys):
+    """An ablation (its name set with --set) that ends in export is refused before it trains,
+    unless it exports elsewhere."""
+    args = ["all", "--config", str(CONFIG), "--set", "name=dwi-variant", "--set", f"run_dir={tmp_path / 'run'}"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "variant" in err and "models_dir" in err
+    assert not (tmp_path / "run").exists()
+    assert export_target(load_config(CONFIG, ["name=dwi-variant", f"models_dir={tmp_path}"])) == tmp_path
+    assert export_target(load_config(CONFIG, ["train.max_minutes=100000"])) == BUNDLED_MODELS
 
 
 def test_data_key_follows_the_cases_only():

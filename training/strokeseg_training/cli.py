@@ -23,7 +23,7 @@ from strokeseg.postprocess import PostprocessSettings
 from .config import card_of, load_config, run_dir
 from .data import build_split
 from .evaluate import ablate_postprocess, ablation_markdown, case_probabilities, score, summarise, tune
-from .export import export_model, stage_records
+from .export import export_model, export_target, stage_records
 from .recipes import prepare_data, train_recipe
 
 
@@ -117,9 +117,8 @@ def do_export(cfg: dict, command: str) -> Path:
                 "seed": int(cfg["train"].get("seed", 0)), "duration_s": round(float(tsum["duration_s"]), 1),
                 "device": tsum["device"], "steps": tsum["steps_done"], "checkpoint": cfg.get("checkpoint", "best"),
                 **({"stages": stages} if stages else {})}
-    models_dir = Path(cfg["models_dir"]) if cfg.get("models_dir") else None
     folder = export_model(cfg, [_weights(cfg, out)], postprocess=tuned, validation=validation, training=training,
-                          models_dir=models_dir)
+                          models_dir=export_target(cfg))
     print(f"exported to {folder}")
     return folder
 
@@ -145,6 +144,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     cfg = load_config(args.config, args.set)
     command = "strokeseg-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     t0 = time.time()
+    if args.command in ("export", "all"):
+        export_target(cfg)  # refuse a variant's export into the bundled models before hours of training
     if args.command in ("generate",):
         prepare_data(cfg)
         for split in ("train", "val", "test"):

@@ -38,6 +38,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
     if missing:
         raise InputError(path, f"lacks {', '.join(missing)}; see training/README.md for the config layout")
     cfg["_config_path"] = str(path)
+    cfg["_set_keys"] = [item.partition("=")[0] for item in overrides or []]  # what --set changed (export's guard)
     for item in overrides or []:
         _apply_override(cfg, item, path)
     _check_recipe(cfg, path)

@@ -9,9 +9,42 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from strokeseg.errors import InputError
 from strokeseg.models import load_registry, sha256_file
 
 from .config import REPO_ROOT, load_config, run_dir
+
+BUNDLED_MODELS = REPO_ROOT / "Resources" / "Models"
+
+
+def export_target(cfg: dict[str, Any]) -> Path:
+    """The models folder a run exports into (``models_dir``, default the bundled one), checked
+    before any training: a variant of a config (its ``name`` changed with ``--set``, as the
+    ablations are) would otherwise register itself in the bundled models under the config's own
+    card id, beside or in place of the shipped model."""
+    target = Path(cfg["models_dir"]) if cfg.get("models_dir") else BUNDLED_MODELS
+    if "name" in cfg.get("_set_keys", []) and target.resolve() == BUNDLED_MODELS.resolve():
+        raise InputError(cfg["_config_path"], f"run {cfg['name']!r} is a variant (its name set with --set) and would be "
+                         f"exported into Resources/Models as {cfg['card']['id']!r}; give it --set models_dir=runs/exports "
+                         "(or a config file of its own), or run train, tune and evaluate only")
+    return target
+
+
+def _check_version_is_new(folder: Path, card: dict[str, Any], weights: list[Path]) -> None:
+    """A card's id and version name one set of weights: other weights need a new version."""
+    old_path = folder / "card.json"
+    if not old_path.is_file():
+        return
+    try:
+        old = json.loads(old_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return  # unreadable: the export replaces it
+    if old.get("id") != card["id"] or old.get("version") != card.get("version"):
+        return
+    old_sha = [w.get("sha256") for w in old.get("weights", [])]
+    if old_sha != [sha256_file(w) for w in weights]:
+        raise InputError(old_path, f"already holds {card['id']} {card.get('version')} with other weights; "
+                         "raise card.version in the config (or --set card.version=...) to export a new model")
 
 
 def git_commit() -> str:
@@ -43,9 +76,10 @@ def stage_records(cfg: dict[str, Any], command: str) -> tuple[str, list[dict[str
 
 def export_model(cfg: dict[str, Any], weights: list[Path], *, postprocess: dict[str, float],
                  validation: dict[str, Any], training: dict[str, Any], models_dir: Path | None = None) -> Path:
-    models_dir = models_dir or REPO_ROOT / "Resources" / "Models"
+    models_dir = models_dir or BUNDLED_MODELS
     card = json.loads(json.dumps(cfg["card"]))
     folder = models_dir / cfg.get("export_folder", card["id"].replace("-", "_"))
+    _check_version_is_new(folder, card, weights)
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, w in enumerate(weights):
