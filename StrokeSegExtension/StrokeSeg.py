@@ -597,14 +597,12 @@ class StrokeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _showPerfusionSummary(self, report) -> None:
-        def number(key, unit=""):
-            value = report.get(key)
-            return _("n/a") if value is None else f"{value:.2f}{unit}"
+        from strokeseg.perfusion.decision import formatted_volumes
 
+        f = formatted_volumes(report)
         self.ui.perfusionStatusLabel.text = _(
             "Core {core}, penumbra {penumbra}, mismatch {mismatch} (ratio {ratio}), HIR {hir}. Research use only.").format(
-            core=number("core_ml", " mL"), penumbra=number("penumbra_ml", " mL"), mismatch=number("mismatch_ml", " mL"),
-            ratio=number("mismatch_ratio"), hir=number("hir"))
+            core=f["core"], penumbra=f["penumbra"], mismatch=f["mismatch"], ratio=f["ratio"], hir=f["hir"])
 
     def _refreshPerfusionViews(self) -> None:
         p = self._parameterNode

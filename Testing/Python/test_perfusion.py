@@ -24,7 +24,7 @@ from strokeseg.perfusion import (
     write_perfusion,
 )
 from strokeseg.perfusion.concentration import bolus_timing, concentration_frame
-from strokeseg.perfusion.decision import decide, hemispheres
+from strokeseg.perfusion.decision import decide, formatted_volumes, hemispheres
 from strokeseg.perfusion.deconvolution import KH, RHO, deconvolve, reference_gain
 from strokeseg.perfusion.denoise import guided_bilateral, masked_gaussian, neighbour_noise, temporal_pca
 from strokeseg.perfusion.masks import ct_masks
@@ -501,6 +501,11 @@ def test_core_volume_is_reported_at_further_rcbf_thresholds():
     assert rep["core_ml"] == pytest.approx(8.0)
     assert rep["core_ml_by_rcbf"] == {"0.05": 0.0, "0.2": 4.0, "0.3": 8.0, "0.38": 12.0}
     assert list(rep["core_ml_by_rcbf"]) == ["0.05", "0.2", "0.3", "0.38"]  # ascending, whatever the order given
+    shown = formatted_volumes(rep)  # the wording of the command line, the summary figure and the module
+    assert shown["core"] == "8.0 mL" and shown["tmax_hypo_s"] == "6"
+    assert shown["core_by_rcbf"] == "< 5%: 0.0 mL, < 20%: 4.0 mL, < 30%: 8.0 mL, < 38%: 12.0 mL"
+    assert shown["ratio"] == f"{rep['mismatch_ratio']:.2f}"
+    assert formatted_volumes({"core_ml": 0.0, "mismatch_ratio": None, "hir": None})["ratio"] == "n/a"
     # An ADC core has no rCBF neighbours; none asked for, only the chosen threshold.
     adc = np.full(shape, 800.0, np.float32)
     assert decide(cbf, tmax, tissue, left, 0.02, kind="mr", adc=adc)[3]["core_ml_by_rcbf"] == {}
@@ -685,7 +690,7 @@ def test_cli_core_rcbf_also_option(small_ct, tmp_path, capsys):
     assert list(report["core_ml_by_rcbf"]) == ["0.2", "0.3", "0.4"]
     assert report["core_ml_by_rcbf"]["0.3"] == report["core_ml"]
     assert report["core_ml_by_rcbf"]["0.2"] <= report["core_ml"] <= report["core_ml_by_rcbf"]["0.4"]
-    assert "core by rCBF    <20%:" in capsys.readouterr().out
+    assert "core by rCBF    < 20%:" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args(["perfusion", str(series), "--out", str(out), "--core-rcbf-also", "a,b"])
     args = parser.parse_args(["perfusion", str(series), "--out", str(tmp_path / "bad"), "-q", "--core-rcbf-also", "0.2,1.5"])

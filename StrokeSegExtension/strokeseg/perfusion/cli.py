@@ -125,21 +125,18 @@ def cmd_perfusion(args: argparse.Namespace) -> int:
 
 def format_summary(report: dict) -> str:
     """The decision volumes as a few lines of text."""
-    def ml(v):
-        return "n/a" if v is None else f"{v:.1f} mL"
+    from .decision import formatted_volumes
 
-    ratio = report.get("mismatch_ratio")
-    hir = report.get("hir")
+    f = formatted_volumes(report)
     d3 = report.get("defuse3_style", {})
     lines = [
         f"{report['input']['kind'].upper()} perfusion ({report['input']['frames']} frames, {report['input']['duration_s']:.0f} s)",
-        f"core            {ml(report['core_ml'])}   ({report['core_method']})",
-        *([f"core by rCBF    " + ", ".join(f"<{100 * float(k):g}%: {ml(v)}" for k, v in report["core_ml_by_rcbf"].items())]
-          if len(report.get("core_ml_by_rcbf") or {}) > 1 else []),
-        f"Tmax > {report['thresholds']['tmax_hypo_s']:g} s      {ml(report['hypoperfusion_ml'])}",
-        f"penumbra        {ml(report['penumbra_ml'])}",
-        f"mismatch        {ml(report['mismatch_ml'])}, ratio {'n/a' if ratio is None else f'{ratio:.2f}'}",
-        f"HIR             {'n/a' if hir is None else f'{hir:.2f}'}",
+        f"core            {f['core']}   ({report['core_method']})",
+        *([f"core by rCBF    {f['core_by_rcbf']}"] if f["core_by_rcbf"] else []),
+        f"Tmax > {f['tmax_hypo_s']} s      {f['hypoperfusion']}",
+        f"penumbra        {f['penumbra']}",
+        f"mismatch        {f['mismatch']}, ratio {f['ratio']}",
+        f"HIR             {f['hir']}",
         f"DEFUSE 3-style target mismatch: {'yes' if d3.get('target_mismatch_profile') else 'no'}  (research use only)",
     ]
     return "\n".join(lines)

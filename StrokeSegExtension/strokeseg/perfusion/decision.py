@@ -185,6 +185,26 @@ def decide(
     return core, hypo, penumbra, report
 
 
+def formatted_volumes(report: dict[str, Any]) -> dict[str, str]:
+    """The report's decision figures as display text (volumes in mL to 0.1, ratios to 0.01,
+    "n/a" where undefined): one wording for the command line, the summary figure and the
+    Slicer module. ``core_by_rcbf`` is empty unless the report holds several rCBF thresholds."""
+    def ml(key: str) -> str:
+        v = report.get(key)
+        return "n/a" if v is None else f"{v:.1f} mL"
+
+    def ratio(key: str) -> str:
+        v = report.get(key)
+        return "n/a" if v is None else f"{v:.2f}"
+
+    by_rcbf = report.get("core_ml_by_rcbf") or {}
+    return {"core": ml("core_ml"), "hypoperfusion": ml("hypoperfusion_ml"), "penumbra": ml("penumbra_ml"),
+            "mismatch": ml("mismatch_ml"), "ratio": ratio("mismatch_ratio"), "hir": ratio("hir"),
+            "tmax_hypo_s": f"{(report.get('thresholds') or {}).get('tmax_hypo_s', 6.0):g}",
+            "core_by_rcbf": ", ".join(f"< {100 * float(k):g}%: {v:.1f} mL" for k, v in by_rcbf.items())
+            if len(by_rcbf) > 1 else ""}
+
+
 def decision_volumes(core: np.ndarray, hypo: np.ndarray, tmax: np.ndarray, voxel_ml: float,
                      th: Thresholds) -> dict[str, Any]:
     """Core, hypoperfused (Tmax above threshold, core included), penumbra, severe (Tmax >

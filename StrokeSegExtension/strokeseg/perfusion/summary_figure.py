@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from ..image import Image
 from ..plots import save_figure
+from .decision import formatted_volumes
 
 CORE_RGB = (0.93, 0.18, 0.78)  # magenta, as RAPID shows the core
 HYPO_RGB = (0.15, 0.85, 0.25)  # green for Tmax above threshold
@@ -45,19 +46,12 @@ def _pick_slices(weight: np.ndarray, brain: np.ndarray, n: int) -> list[int]:
 
 
 def _title(report: dict[str, Any]) -> str:
-    def ml(key: str) -> str:
-        v = report.get(key)
-        return "n/a" if v is None else f"{v:.1f} mL"
-
-    th = report.get("thresholds") or {}
-    ratio, hir = report.get("mismatch_ratio"), report.get("hir")
-    first = (f"core {ml('core_ml')}   Tmax > {th.get('tmax_hypo_s', 6):g} s {ml('hypoperfusion_ml')}   "
-             f"mismatch {ml('mismatch_ml')}, ratio {'n/a' if ratio is None else f'{ratio:.2f}'}   "
-             f"HIR {'n/a' if hir is None else f'{hir:.2f}'}")
-    lines = [first, f"core: {report.get('core_method', '')}"]
-    by_rcbf = report.get("core_ml_by_rcbf") or {}
-    if len(by_rcbf) > 1:
-        lines.append("core at rCBF " + ", ".join(f"< {100 * float(k):g}%: {v:.1f} mL" for k, v in by_rcbf.items()))
+    f = formatted_volumes(report)
+    lines = [f"core {f['core']}   Tmax > {f['tmax_hypo_s']} s {f['hypoperfusion']}   "
+             f"mismatch {f['mismatch']}, ratio {f['ratio']}   HIR {f['hir']}",
+             f"core: {report.get('core_method', '')}"]
+    if f["core_by_rcbf"]:
+        lines.append(f"core at rCBF {f['core_by_rcbf']}")
     lines.append("research use only: not a medical device")
     return "\n".join(lines)
 
