@@ -278,6 +278,34 @@ def test_recipe_writes_ctp_dwi_phantoms_a_dataset_adapter_reads(tmp_path):
     assert (tmp_path / "cv" / case.case_id / "case.json").stat().st_mtime_ns == stamp
 
 
+def test_phantoms_made_by_another_pipeline_are_made_again(tmp_path, monkeypatch):
+    """The phantom folders hold the maps our pipeline computed: when its CT maps change
+    (MAPS_VERSION), or the options do, the same case ids are made again, and the training cache
+    built from the folders gets a new key."""
+    import strokeseg.perfusion.pipeline as pipeline
+    from strokeseg_training.config import load_config
+    from strokeseg_training.realdata import _key
+    from strokeseg_training.recipes.paper004_ctp_gan import PHANTOMS_STAMP, ensure_phantoms
+
+    cfg = load_config(CONFIGS / "paper004_ctp_gan.json")
+    cfg["data"].update(root=str(tmp_path / "cv"), workers=1, test_root=None,
+                       phantom={"seed": 7, "count": 1, "options": {"size": [32, 32, 4], "compute_maps": False, "motion": False}})
+    case_json = tmp_path / "cv" / "ctp-train-00007" / "case.json"
+    ensure_phantoms(cfg)
+    made, key = case_json.stat().st_mtime_ns, _key(cfg, "generic", tmp_path / "cv")
+    assert "maps-" in (tmp_path / "cv" / PHANTOMS_STAMP).read_text(encoding="utf-8")
+    monkeypatch.setitem(pipeline.MAPS_VERSION, "ct", "next")
+    ensure_phantoms(cfg)
+    assert case_json.stat().st_mtime_ns != made and _key(cfg, "generic", tmp_path / "cv") != key
+    assert '"maps-next"' in (tmp_path / "cv" / PHANTOMS_STAMP).read_text(encoding="utf-8")
+    made = case_json.stat().st_mtime_ns
+    ensure_phantoms(cfg)
+    assert case_json.stat().st_mtime_ns == made
+    monkeypatch.setitem(pipeline.MAPS_VERSION, "mr", "other")  # MR maps are not in CTP phantoms
+    ensure_phantoms(cfg)
+    assert case_json.stat().st_mtime_ns == made
+
+
 def test_phantoms_the_engine_refuses_are_left_out_with_a_reason(tmp_path, monkeypatch):
     import strokeseg.phantom.perfusion as perfusion_phantom
     from strokeseg_training.adapters import get_adapter
@@ -313,7 +341,7 @@ def test_generate_command_writes_the_recipes_own_phantoms(tmp_path):
     overrides = [f"run_dir={tmp_path / 'run'}", f"data={json.dumps(data)}", "card.target_spacing=[4.0,4.0,5.0]",
                  'card.inputs={"required":["ctp"],"optional":[]}', "card.derivable={}"]
     assert train_main(["generate", "--config", str(CONFIGS / "paper004_ctp_gan.json"), *_sets(overrides)]) == 0
-    assert sorted(p.name for p in (tmp_path / "cv").iterdir()) == ["ctp-train-00007", "ctp-train-00008", "ctp-train-00009"]
+    assert sorted(p.name for p in (tmp_path / "cv").iterdir() if p.is_dir()) == ["ctp-train-00007", "ctp-train-00008", "ctp-train-00009"]
     assert (tmp_path / "test" / "ctp-test-900007" / "case.json").is_file()
     assert list((tmp_path / "cache").rglob("*.npz"))  # the splits were cached from them
 

@@ -104,16 +104,18 @@ def test_data_key_follows_the_cases_only():
 
 
 def test_perfusion_phantom_caches_follow_the_maps_pipeline(monkeypatch):
-    """Perfusion phantoms' inputs are the maps our pipeline computes: a change of its defaults
-    (MAPS_VERSION) makes new caches; DWI caches do not depend on it."""
+    """Perfusion phantoms' inputs are the maps our pipeline computes: a change of one modality's
+    defaults (its MAPS_VERSION) makes new caches for that modality only; DWI caches do not
+    depend on it."""
     import strokeseg.perfusion.pipeline as pipeline
     from strokeseg_training.config import data_key
 
-    ctp = load_config(CONFIG.parent / "ctp_unet.json")
-    dwi = load_config(CONFIG)
-    before = data_key(ctp, "train"), data_key(dwi, "train")
-    monkeypatch.setattr(pipeline, "MAPS_VERSION", pipeline.MAPS_VERSION + "-next")
-    assert data_key(ctp, "train") != before[0] and data_key(dwi, "train") == before[1]
+    ctp, mrp, dwi = (load_config(CONFIG.parent / name) for name in ("ctp_unet.json", "mrp_unet.json", "dwi_unet.json"))
+    before = [data_key(c, "train") for c in (ctp, mrp, dwi)]
+    monkeypatch.setitem(pipeline.MAPS_VERSION, "ct", pipeline.MAPS_VERSION["ct"] + "-next")
+    assert [data_key(c, "train") != b for c, b in zip((ctp, mrp, dwi), before)] == [True, False, False]
+    monkeypatch.setitem(pipeline.MAPS_VERSION, "mr", pipeline.MAPS_VERSION["mr"] + "-next")
+    assert data_key(mrp, "train") != before[1] and data_key(dwi, "train") == before[2]
 
 
 def test_config_overrides_parse_json():

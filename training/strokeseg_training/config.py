@@ -119,6 +119,24 @@ def run_dir(cfg: dict[str, Any]) -> Path:
 NOT_IN_DATA_KEY = ("description", "workers")
 
 
+def perfusion_phantoms_made_by(modality: str) -> list[str]:
+    """What a perfusion phantom's files depend on beyond its seed and options: the simulator and
+    the maps our own pipeline computes from its series (the models' inputs)."""
+    from strokeseg.perfusion.pipeline import MAPS_VERSION
+    from strokeseg.phantom.perfusion import GENERATOR_VERSION as PERFUSION_VERSION
+
+    return [PERFUSION_VERSION, f"maps-{MAPS_VERSION['ct' if modality == 'ctp' else 'mr']}"]
+
+
+def phantoms_stamp(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the phantom folders' contents depend on besides their case ids (which carry the
+    seeds): options, lesion library, simulator and maps pipeline. Kept in each folder, and part
+    of the training cache key of those folders (``realdata``). Paper 004 writes such folders (``data.phantom``)."""
+    spec = cfg["data"]["phantom"]
+    return {"options": spec.get("options", {}), "lesion_library": spec.get("lesion_library"),
+            "made_by": perfusion_phantoms_made_by("ctp")}
+
+
 def data_key(cfg: dict[str, Any], split: str) -> str:
     """A cache key that changes whenever what the cases look like would change (and only then:
     editing a description or ``--set data.workers=1`` on a busy machine reuses the cache)."""
@@ -126,11 +144,7 @@ def data_key(cfg: dict[str, Any], split: str) -> str:
 
     data = {k: v for k, v in cfg["data"].items() if k not in NOT_IN_DATA_KEY}
     if data.get("source") == "phantom" and data.get("modality") in ("ctp", "pwi"):
-        # their inputs are maps our own pipeline computes from the simulated series
-        from strokeseg.perfusion.pipeline import MAPS_VERSION
-        from strokeseg.phantom.perfusion import GENERATOR_VERSION as PERFUSION_VERSION
-
-        data["generated_by"] = [PERFUSION_VERSION, f"maps-{MAPS_VERSION}"]
+        data["generated_by"] = perfusion_phantoms_made_by(data["modality"])
     blob = json.dumps({"data": data, "split": split, "generator": GENERATOR_VERSION,
                        "spacing": cfg["card"]["target_spacing"], "norm": cfg["card"].get("normalisation"),
                        "inputs": cfg["card"]["inputs"],

@@ -45,7 +45,7 @@ from strokeseg.modality import load_inputs
 from strokeseg.preprocess import check_overlap, prepare
 
 from .adapters import Case, discover, get_adapter
-from .config import DEFAULT_RUNS, REPO_ROOT, card_of, data_key
+from .config import DEFAULT_RUNS, REPO_ROOT, card_of, data_key, phantoms_stamp
 from .data import label_on_grid
 from .folds import holdout_split, kfold_splits
 
@@ -121,7 +121,9 @@ def _key(cfg: dict[str, Any], source: str, root: Path) -> str:
     blob = json.dumps({"v": REALDATA_VERSION, "source": source, "root": str(root), "options": cfg["data"].get("options", {}),
                        "label": _label_name(cfg), "inputs": card["inputs"], "derivable": card.get("derivable", {}),
                        "spacing": card["target_spacing"], "norm": card.get("normalisation"),
-                       **({"derived": card["derived_channels"]} if card.get("derived_channels") else {})},
+                       **({"derived": card["derived_channels"]} if card.get("derived_channels") else {}),
+                       # folders of phantoms made for the config: remade (same case ids) when their maker changes
+                       **({"phantoms": phantoms_stamp(cfg)} if cfg["data"].get("phantom") else {})},
                       sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

@@ -51,13 +51,14 @@ from strokeseg.models import build_network, save_weights
 from strokeseg.networks import build
 from strokeseg.preprocess import canonical_grid, normalise
 
-from ..config import card_of, repo_path, run_dir
+from ..config import card_of, phantoms_stamp, repo_path, run_dir
 from ..data import REFUSED_SUFFIX, SPLIT_SEED_OFFSET, build_split, load_volumes, mark_refused, report_refused
 from ..folds import fold_config, summarise_folds
 from ..resume import generator_states, settings_key
 from ..train import validate
 from ._runloop import RunFolder
 
+PHANTOMS_STAMP = "phantoms.json"  # in each phantom folder: what made its cases (phantoms_stamp)
 LOSS_WEIGHTS = (0.002, 0.5, 1.0)  # generator reconstruction : adversarial : segmentation (paper)
 
 
@@ -71,6 +72,7 @@ def _phantom_one(args: tuple[int, str, str, str | None, dict[str, Any]]) -> str:
     from strokeseg.phantom.perfusion import simulate_perfusion
 
     seed, split, root, library, options = args
+    (Path(root) / f"ctp-{split}-{seed:05d}" / "case.json").unlink(missing_ok=True)  # a stale case is not complete while remade
     case = simulate_perfusion(seed, "ctp", library, split, dwi=True, **options)
     reason = mark_refused(case, Path(root))
     if reason:
@@ -99,16 +101,25 @@ def ensure_phantoms(cfg: dict[str, Any], workers: int | None = None) -> None:
     library = spec.get("lesion_library")
     library = str(repo_path(library)) if library and repo_path(library).is_dir() else None
     seed0 = int(spec.get("seed", 0))
-    todo = []
+    stamp = json.dumps(phantoms_stamp(cfg), sort_keys=True)
+    todo, roots = [], []
     for root_key, count_key, split in (("root", "count", "train"), ("test_root", "test_count", "test")):
         if not d.get(root_key) or not int(spec.get(count_key, 0)):
             continue
         root = repo_path(d[root_key])
         root.mkdir(parents=True, exist_ok=True)
+        roots.append(root)
+        stamp_file = root / PHANTOMS_STAMP
+        # Cases made by another simulator, pipeline or options (or before stamps) are made again.
+        stale = not stamp_file.is_file() or stamp_file.read_text(encoding="utf-8") != stamp
+        if stale:
+            stamp_file.unlink(missing_ok=True)  # an interrupted remake stays stale
+            for marker in root.glob(f"*{REFUSED_SUFFIX}"):
+                marker.unlink()
         for k in range(int(spec[count_key])):
             seed = seed0 + SPLIT_SEED_OFFSET[split] + k
             name = f"ctp-{split}-{seed:05d}"
-            if not (root / name / "case.json").is_file() and not (root / f"{name}{REFUSED_SUFFIX}").is_file():
+            if stale or not ((root / name / "case.json").is_file() or (root / f"{name}{REFUSED_SUFFIX}").is_file()):
                 todo.append((seed, split, str(root), library, dict(spec.get("options", {}))))
     if not todo:
         return
@@ -119,9 +130,12 @@ def ensure_phantoms(cfg: dict[str, Any], workers: int | None = None) -> None:
     else:
         for t in tqdm(todo, desc="CTP + DWI phantoms", unit="case"):
             _phantom_one(t)
+    for root in roots:
+        write_text(stamp, root / PHANTOMS_STAMP)
     for key in ("root", "test_root"):
         if d.get(key):
             report_refused(repo_path(d[key]), str(d[key]))
+
 
 
 def dwi_targets(cfg: dict[str, Any], npz_files: Sequence[Path]) -> list[np.ndarray]:
