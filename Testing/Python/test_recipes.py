@@ -474,3 +474,25 @@ def _held_out(name: str) -> tuple:
 @pytest.mark.parametrize("paper, bundled", COMPARED + [("paper004_ctp_gan.json", "ctp_unet.json")])
 def test_compared_recipes_meet_the_same_held_out_phantoms(paper, bundled):
     assert _held_out(paper) == _held_out(bundled)
+
+
+def test_ablation_reuses_the_chosen_settings_scores(monkeypatch):
+    """evaluate scores the chosen post-processing once: the ablation takes its rows as given and
+    scores only the other settings of the tuning table."""
+    from strokeseg.image import Image
+    from strokeseg.postprocess import PostprocessSettings
+    from strokeseg_training import evaluate
+
+    prob = np.zeros((8, 16, 16), np.float32)
+    prob[3:6, 4:10, 4:10] = 0.8
+    truth = prob > 0.5
+    cases = [evaluate.CaseProbability("c0", Image(prob, (1.0, 1.0, 2.0)), truth)]
+    table = [{"threshold": t, "closing_mm": 0.0, "min_lesion_ml": 0.0, "mean_dice": 1.0} for t in (0.5, 0.9)]
+    chosen = PostprocessSettings(threshold=0.5)
+    rows = evaluate.score(cases, chosen)
+    scored = []
+    real_score = evaluate.score
+    monkeypatch.setattr(evaluate, "score", lambda c, s: scored.append(s.threshold) or real_score(c, s))
+    out = evaluate.ablate_postprocess(cases, table, scored=(chosen, rows))
+    assert scored == [0.9]
+    assert [r["test"]["dice_median"] for r in out] == [pytest.approx(1.0), pytest.approx(0.0)]

@@ -83,10 +83,11 @@ def do_evaluate(cfg: dict, settings: dict | None = None) -> dict:
     settings = settings or tuning["best"]
     net = _net(cfg, _weights(cfg, out))
     probs = case_probabilities(_cases(cfg, "test"), [net], card_of(cfg))
-    rows = score(probs, PostprocessSettings(**settings))
+    chosen = PostprocessSettings(**settings)
+    rows = score(probs, chosen)
     summary = summarise(rows, out / "test", f"{cfg['name']} held-out phantoms")
     if tuning and cfg["tune"].get("ablate_on_test"):
-        ablation = ablate_postprocess(probs, tuning["table"])
+        ablation = ablate_postprocess(probs, tuning["table"], scored=(chosen, rows))
         (out / "test" / "postprocess_ablation.json").write_text(json.dumps(ablation, indent=2))
         (out / "test" / "postprocess_ablation.md").write_text(ablation_markdown(ablation, settings))
     m = summary["metrics"] if "metrics" in summary else summary

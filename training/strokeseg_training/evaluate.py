@@ -199,17 +199,20 @@ def tune(cases: list[CaseProbability], grid: dict[str, Any], obj: str = "dice+f1
     return best_s, table
 
 
-def ablate_postprocess(cases: list[CaseProbability], table: list[dict]) -> list[dict]:
+def ablate_postprocess(cases: list[CaseProbability], table: list[dict],
+                       scored: tuple[PostprocessSettings, list[dict]] | None = None) -> list[dict]:
     """Every post-processing setting of a tuning table scored on other cases (the test split).
 
     Tuning picks one setting on validation; a paper's post-processing ablation (paper 000: THT0
     vs THT1, with and without "filling holes") asks how each alternative fares on held-out cases.
-    Each row keeps the setting's validation figures and adds its test medians and means."""
+    Each row keeps the setting's validation figures and adds its test medians and means.
+    ``scored``: a setting already scored on these cases, and its rows (the chosen one), reused."""
     rows = []
     for entry in tqdm(table, desc="post-processing ablation", unit="setting"):
         s = PostprocessSettings(threshold=entry["threshold"], closing_mm=entry["closing_mm"],
                                 min_lesion_ml=entry["min_lesion_ml"])
-        metrics = json_safe(aggregate(score(cases, s)))["metrics"]
+        case_rows = scored[1] if scored is not None and scored[0] == s else score(cases, s)
+        metrics = json_safe(aggregate(case_rows))["metrics"]
         test = {f"{k}_{stat}": metrics[k][stat] for k in ("dice", "lesion_f1", "abs_volume_diff_ml", "tpr", "ppv")
                 for stat in ("median", "mean")}
         rows.append({**{k: v for k, v in entry.items() if not k.startswith("mean_")},
