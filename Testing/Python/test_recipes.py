@@ -347,11 +347,13 @@ def test_paper000_end_to_end(tmp_path):
     segment_with_export(tmp_path, cfg, root / "case00")
 
 
-def test_paper000_resumes_after_stage_1(tmp_path, capsys):
+def test_paper000_resumes_after_stage_1(tmp_path, capsys, monkeypatch):
     """A run that dies in the fine-tune before its first checkpoint restarts at the fine-tune, as
-    the uninterrupted run went on (same weights, same fine-tuning losses); changing a stage-1
-    setting, or --no-resume, trains stage 1 again."""
+    the uninterrupted run went on (same weights, same fine-tuning losses), from the cached
+    stage-1 predictions (not predicted again); changing a stage-1 setting, or --no-resume,
+    trains stage 1 again."""
     from strokeseg_training.cli import main
+    from strokeseg_training.recipes import paper000_deepmedic
 
     _root, config = tiny_deepmedic(tmp_path, {"steps": 3, "val_every": 1, "freeze_layers": 6})
     run = tmp_path / "run"
@@ -361,7 +363,11 @@ def test_paper000_resumes_after_stage_1(tmp_path, capsys):
     (run / "log_finetune.csv").unlink()
     capsys.readouterr()
 
+    assert (run / paper000_deepmedic.ERROR_MAPS).is_file()
+    real_predict = paper000_deepmedic.predict
+    monkeypatch.setattr(paper000_deepmedic, "predict", None)  # the error maps come from the cache
     assert main(["train", "--config", str(config)]) == 0
+    monkeypatch.setattr(paper000_deepmedic, "predict", real_predict)
     out = capsys.readouterr().out
     assert "DeepMedic: resuming at step 4 of 4 (finished)" in out and "fine-tuning: resuming" not in out
     losses = lambda text: [line.split(",")[:4] for line in text.splitlines()]  # noqa: E731 (not the times)

@@ -39,12 +39,14 @@ settings, so a finished stage 1 is reused when only the fine-tune changes.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from strokeseg.inference import predict
 from strokeseg.losses import CrossEntropy, error_map
@@ -54,6 +56,8 @@ from ..data import Volume
 from ..sampling import WeightedPatchSampler
 from ..resume import settings_key
 from ..train import fit, load_init_weights, recipe_setup, validate, write_summary
+
+ERROR_MAPS = "error_maps.npz"  # in the run folder: the stage-1 probabilities behind E2's error maps
 
 
 def intensity_variance_clone(volume: Volume, rng: np.random.Generator, name: str | None = None) -> Volume:
@@ -73,6 +77,32 @@ def error_sampling_weights(probability: np.ndarray, label: np.ndarray, floor: fl
     that its minimum is 0, plus ``floor`` (so that well-predicted regions are still drawn)."""
     z = np.asarray(error_map(probability, label, standardise=True), dtype=np.float32)
     return (z - float(z.min()) + float(floor)).astype(np.float32)
+
+
+def stage1_probabilities(path: Path, stage1: str, net: torch.nn.Module, card: Any, vols: list[Volume],
+                         device: torch.device) -> list[np.ndarray]:
+    """The stage-1 network's probabilities on the training cases, the source of the error maps.
+
+    Cached in the run folder (``error_maps.npz``, float16, under the identity ``stage1`` of the
+    stage-1 run: its settings key, steps and best validation Dice), so that a resumed or
+    lengthened fine-tune samples by the same maps without predicting every training case again
+    (about 25 CPU minutes for the 40 PWI phantoms)."""
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["stage1"]) == stage1 and [str(n) for n in z["names"]] == [v.name for v in vols]:
+                    return [z[f"p{i}"].astype(np.float32) for i in range(len(vols))]
+        except (OSError, KeyError, ValueError):
+            pass  # unreadable or older: predicted again
+    net.eval()
+    # float16 from the start: a fine-tune from the cache samples exactly as the first one did
+    probs = [predict(v.image.astype(np.float32), [net], card, device=device, mirror_tta=False).astype(np.float16)
+             for v in tqdm(vols, desc="error maps (stage-1 predictions)", unit="case")]
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, stage1=np.array(stage1), names=np.array([v.name for v in vols]),
+                        **{f"p{i}": p for i, p in enumerate(probs)})
+    tmp.replace(path)
+    return [p.astype(np.float32) for p in probs]
 
 
 def _l1(net: torch.nn.Module) -> torch.Tensor:
@@ -133,11 +163,10 @@ def train_deepmedic(cfg: dict[str, Any], *, resume: bool = True) -> Path:
         from safetensors.torch import load_file
 
         net.load_state_dict(load_file(str(out / "best.safetensors")))
-        net.eval()
-        weights = []
-        for v in train_vols:  # error maps of the original cases (clones share their geometry)
-            prob = predict(v.image.astype(np.float32), [net], card, device=dev, mirror_tta=False)
-            weights.append(error_sampling_weights(prob, v.label, float(ft.get("floor", 0.1))))
+        stage1 = json.dumps([settings_key(cfg, drop_train=("finetune",)), s1["steps_done"], s1["best_val"]])
+        probs = stage1_probabilities(out / ERROR_MAPS, stage1, net, card, train_vols, dev)
+        # error maps of the original cases (clones share their geometry)
+        weights = [error_sampling_weights(p, v.label, float(ft.get("floor", 0.1))) for p, v in zip(probs, train_vols)]
         clone_w = [weights[[v.name for v in train_vols].index(c.name.rsplit("-clone", 1)[0])] for c in clones]
         ft_sampler = WeightedPatchSampler(train_vols + clones, patch, float(tc.get("pos_fraction", 0.5)), rng,
                                           weights=weights + clone_w, flip_lr=float(aug.get("flip_lr", 0.5)),
