@@ -15,7 +15,7 @@ from ..io import write_image, write_text
 from . import acquisition as acqm
 from .anatomy import head_model, mni_to_lps
 from .lesions import PATTERN_P, PATTERNS, AcuteLesions, make_acute, make_distractors
-from .library import Region, default_atlas_for, label_volumes, library_index, territories
+from .library import Region, label_volumes, lesion_sources
 from .mr_signal import B_VALUE, Contrast, draw_tissue_params, signal_maps
 
 GENERATOR_VERSION = "dwi-1.2"
@@ -151,14 +151,8 @@ def simulate_dwi(seed: int, lesion_library: str | Path | None = None, split: str
     if unknown:
         raise TypeError(f"simulate_dwi got unknown overrides: {sorted(unknown)}")
     rng = _streams(seed, split)
-    library = str(Path(lesion_library).resolve()) if lesion_library is not None else None
-    if library is not None:
-        library_index(library)  # validates the folder first (InputError naming it)
+    library, terr = lesion_sources(lesion_library, overrides.get("atlas"))
     head = head_model()
-    atlas = overrides.get("atlas")
-    if atlas is None:
-        atlas = default_atlas_for(library)
-    terr = territories(str(atlas) if atlas else None)
 
     # Subject: anatomy variation.
     ra = rng["anatomy"]

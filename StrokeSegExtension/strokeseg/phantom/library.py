@@ -243,3 +243,14 @@ def label_volumes(region: Region, terr: Territories) -> dict[str, float]:
 
 def dilate_region(region: Region, iterations: int) -> np.ndarray:
     return ndimage.binary_dilation(region.values > 0.25, iterations=iterations)
+
+
+def lesion_sources(lesion_library: str | Path | None, atlas: str | Path | None = None) -> tuple[str | None, Territories]:
+    """Every phantom's sources of lesions: the library folder (resolved, and validated first: a
+    bad folder is an InputError naming it) and the arterial territories of ``atlas`` (None: the
+    atlas beside the library, else the template's own)."""
+    library = str(Path(lesion_library).resolve()) if lesion_library is not None else None
+    if library is not None:
+        library_index(library)
+    atlas = atlas or default_atlas_for(library)
+    return library, territories(str(atlas) if atlas else None)

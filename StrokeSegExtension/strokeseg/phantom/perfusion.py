@@ -50,7 +50,7 @@ from . import acquisition as acqm
 from .anatomy import head_model, mni_to_lps, upsample_linear
 from .cases import PhantomCase
 from .lesions import AcuteLesions, heterogeneity, make_acute
-from .library import default_atlas_for, library_index, territories
+from .library import lesion_sources
 from .mr_signal import B_VALUE, Contrast, draw_tissue_params, signal_maps
 
 GENERATOR_VERSION = "perfusion-1.0"
@@ -450,11 +450,7 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
     ct = modality == "ctp"
     rng = _streams(seed, split, modality)
     head = head_model()
-    library = str(Path(lesion_library).resolve()) if lesion_library is not None else None
-    if library is not None:
-        library_index(library)
-    atlas = overrides.get("atlas") or default_atlas_for(library)
-    terr = territories(str(atlas) if atlas else None)
+    library, terr = lesion_sources(lesion_library, overrides.get("atlas"))
 
     ra = rng["anatomy"]
     atrophy = float(ra.uniform(0.0, 0.6))

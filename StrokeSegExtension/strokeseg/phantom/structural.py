@@ -41,7 +41,7 @@ from . import acquisition as acqm
 from .anatomy import HeadModel, head_model
 from .cases import _SPLIT_CODE, PhantomCase, case_id_for, distractor_info, lesion_info, lesion_on_grid
 from .lesions import PATTERNS, AcuteLesions, Distractor, _deep_masks, heterogeneity, make_acute, make_distractors
-from .library import Region, default_atlas_for, library_index, territories
+from .library import Region, lesion_sources
 from .mr_signal import B_VALUE, Contrast, TissueParams, draw_tissue_params, signal_maps
 
 STRUCTURAL_VERSION = "structural-1.0"
@@ -266,14 +266,8 @@ def simulate_structural(modality: str, seed: int, lesion_library: str | Path | N
             raise ValueError(f"contrasts for t1 phantoms may add 'flair' and 't2', not {bad}")
         keys = ("t1",) + tuple(k for k in ("t2", "flair") if k in extra)
     rng = _streams(seed, split, modality)
-    library = str(Path(lesion_library).resolve()) if lesion_library is not None else None
-    if library is not None:
-        library_index(library)  # validates the folder first (InputError naming it)
+    library, terr = lesion_sources(lesion_library, overrides.get("atlas"))
     head = head_model()
-    atlas = overrides.get("atlas")
-    if atlas is None:
-        atlas = default_atlas_for(library)
-    terr = territories(str(atlas) if atlas else None)
 
     # Subject: chronic stroke patients carry more global atrophy (older, and post-stroke loss).
     ra = rng["anatomy"]
