@@ -245,12 +245,13 @@ def dilate_region(region: Region, iterations: int) -> np.ndarray:
     return ndimage.binary_dilation(region.values > 0.25, iterations=iterations)
 
 
-def lesion_sources(lesion_library: str | Path | None, atlas: str | Path | None = None) -> tuple[str | None, Territories]:
+def lesion_sources(lesion_library: str | Path | None, atlas: str | Path | bool | None = None) -> tuple[str | None, Territories]:
     """Every phantom's sources of lesions: the library folder (resolved, and validated first: a
     bad folder is an InputError naming it) and the arterial territories of ``atlas`` (None: the
-    atlas beside the library, else the template's own)."""
+    atlas beside the library if there is one; False: none, the procedural territories)."""
     library = str(Path(lesion_library).resolve()) if lesion_library is not None else None
     if library is not None:
         library_index(library)
-    atlas = atlas or default_atlas_for(library)
+    if atlas is None:
+        atlas = default_atlas_for(library)
     return library, territories(str(atlas) if atlas else None)
