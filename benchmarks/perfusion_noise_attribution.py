@@ -37,6 +37,12 @@ IDEAL = {"ctp": {"noise": 1e-3, "motion": False}, "pwi": {"noise": 1e5, "motion"
 NO_MOTION = {"motion": False}
 
 
+def change(pairs: list[tuple[dict, dict]]) -> dict | None:
+    """Core volume change of each first result relative to its second (5 mL floor, like the tolerance)."""
+    dev = np.array([(a["core_ml"] - b["core_ml"]) / max(b["core_ml"], TARGETS["volume_abs_ml"]) for a, b in pairs])
+    return {"median": round(float(np.median(dev)), 3), "mean_abs": round(float(np.mean(np.abs(dev))), 3)} if dev.size else None
+
+
 def plot(rows: dict[str, list[tuple[dict, dict, dict]]], path: Path) -> None:
     import matplotlib
 
@@ -101,12 +107,6 @@ def main(argv=None) -> int:
                   f"rho {real['spearman_rcbf']:.3f} (ideal {ideal['spearman_rcbf']:.3f}), "
                   f"Tmax MAE {real['tmax_mae_s']:.2f} (ideal {ideal['tmax_mae_s']:.2f}) s", flush=True)
         kept = [t for t in runs[modality] if not any("refused" in r for r in t)]
-
-        def change(pairs: list[tuple[dict, dict]]) -> dict | None:
-            """Core volume change relative to the second result (5 mL floor, like the tolerance)."""
-            dev = np.array([(a["core_ml"] - b["core_ml"]) / max(b["core_ml"], TARGETS["volume_abs_ml"]) for a, b in pairs])
-            return {"median": round(float(np.median(dev)), 3), "mean_abs": round(float(np.mean(np.abs(dev))), 3)} if dev.size else None
-
         summary = {
             "as_generated": summarise([a for a, _, _ in runs[modality]]),
             "without_motion": summarise([c for _, _, c in runs[modality]]),
