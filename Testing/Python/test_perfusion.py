@@ -887,6 +887,23 @@ def test_enhanced_ct_rcbf_map_geometry_and_units():
 # -- phantoms --------------------------------------------------------------------------------------
 
 
+def test_phantom_noise_draw_changes_only_the_noise(lesion_library):
+    """noise_draw=k: another realisation of the same acquisition's noise; the anatomy, lesion,
+    kinetics and motion, and draw 0 (the default), are the case's own."""
+    kw = dict(motion=True, **SMALL)
+    own = simulate_perfusion(8, "ctp", lesion_library, "val", **kw)
+    assert np.array_equal(simulate_perfusion(8, "ctp", lesion_library, "val", noise_draw=0, **kw).images["ctp"].array,
+                          own.images["ctp"].array)
+    other = simulate_perfusion(8, "ctp", lesion_library, "val", noise_draw=2, **kw)
+    a, b = own.images["ctp"].array.astype(np.float32), other.images["ctp"].array.astype(np.float32)
+    assert not np.array_equal(a, b)
+    assert all(np.array_equal(own.truth[k].array, other.truth[k].array) for k in own.truth)
+    assert own.info["motion"] == other.info["motion"] and other.info["acquisition"]["noise_draw"] == 2
+    diff = (a - b)[:, own.truth["tissue"].array > 0]
+    sd = np.sqrt(2) * own.info["acquisition"]["noise_hu"]  # two independent draws (plus HU rounding)
+    assert abs(float(diff.mean())) < 0.1 * sd and 0.9 * sd < float(diff.std()) < 1.25 * sd
+
+
 def test_phantom_is_deterministic_and_written(lesion_library, tmp_path):
     a = simulate_perfusion(8, "ctp", lesion_library, "val", motion=True, **{**SMALL, "compute_maps": True})
     b = simulate_perfusion(8, "ctp", lesion_library, "val", motion=True, **{**SMALL, "compute_maps": True})

@@ -436,19 +436,26 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
     ``dwi`` (CT only, bool, default False: add a b1000 DWI of the same subject and core on the
     CT grid, the target of CTP -> DWI synthesis as in ISLES 2018; every other output unchanged),
     ``residue`` (one of ``RESIDUES``, default exponential: the tissue residue family; the others
-    test that the analysis does not rely on the generator's own model).
+    test that the analysis does not rely on the generator's own model), ``noise_draw`` (int,
+    default 0: the case's own noise; k > 0 draws the noise from another stream, everything else
+    unchanged: how much of an analysis' error is the particular noise realisation).
     """
     if modality not in MODALITIES:
         raise ValueError(f"perfusion phantom modality must be one of {MODALITIES}, got {modality!r}")
     if overrides.get("residue", "exponential") not in RESIDUES:
         raise ValueError(f"residue must be one of {RESIDUES}, got {overrides['residue']!r}")
     known = {"size", "spacing", "thickness", "frames", "dt", "tilt_deg", "motion", "noise", "lesion", "te_ms",
-             "atlas", "compute_maps", "dwi", "residue"}
+             "atlas", "compute_maps", "dwi", "residue", "noise_draw"}
     unknown = set(overrides) - known
     if unknown:
         raise TypeError(f"simulate_perfusion got unknown overrides: {sorted(unknown)}")
     ct = modality == "ctp"
     rng = _streams(seed, split, modality)
+    draw = int(overrides.get("noise_draw") or 0)
+    # Another realisation of the noise field only: the "noise" stream also draws the scanner's
+    # levels and the noise SD, which stay the case's own.
+    field_rng = np.random.default_rng(
+        np.random.SeedSequence([int(seed), _SPLIT_CODE[split], 0x9E4F, MODALITIES.index(modality), 0xD4A7, draw])) if draw else None
     head = head_model()
     library, terr = lesion_sources(lesion_library, overrides.get("atlas"))
 
@@ -641,7 +648,7 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
         # Quantum noise ~8-15 HU in a 1 mm^3 voxel (e.g. 0.45 x 0.45 x 5 mm at 80 kVp), falling with
         # the square root of the voxel volume.
         sigma = float(overrides.get("noise") or rn.uniform(8.0, 15.0) / np.sqrt(vox))
-        noise = rn.standard_normal(frames.shape).astype(np.float32)
+        noise = (field_rng or rn).standard_normal(frames.shape).astype(np.float32)
         noise = ndimage.gaussian_filter(noise, [0, 0, 0.6, 0.6]) * np.float32(1.0 / 0.42)  # reconstruction kernel
         frames += np.float32(sigma) * noise
         del noise
@@ -651,7 +658,7 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
         snr = float(overrides.get("noise") or rn.uniform(35.0, 80.0))
         sigma = level / snr
         for t in range(n_frames):
-            frames[t] = acqm.reconstruct(frames[t], sigma, acq, rn, 0.0)
+            frames[t] = acqm.reconstruct(frames[t], sigma, acq, field_rng or rn, 0.0)
         series = np.clip(np.round(frames), 0, 32767).astype(np.int16)
         acq_info.update({"te_ms": round(te_s * 1000.0, 2), "tr_ms": round(tr_ms, 1), "field_strength_t": field_t,
                          "snr_wm": round(snr, 2)})
@@ -748,7 +755,7 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
                      "rho_g_ml": RHO, "kh": round(KH, 4), "residue": residue},
         "arterial_input": aif_info,
         "venous_output": {"delay_s": round(v_delay, 3), "transit_s": round(v_tau, 3)},
-        "acquisition": acq_info,
+        "acquisition": {**acq_info, **({"noise_draw": draw} if draw else {})},
         "motion": motion_events,
         "subject": pose.info,
         "times_s": [round(float(t), 4) for t in times],
