@@ -200,7 +200,7 @@ def formatted_volumes(report: dict[str, Any]) -> dict[str, str]:
     by_rcbf = report.get("core_ml_by_rcbf") or {}
     return {"core": ml("core_ml"), "hypoperfusion": ml("hypoperfusion_ml"), "penumbra": ml("penumbra_ml"),
             "mismatch": ml("mismatch_ml"), "ratio": ratio("mismatch_ratio"), "hir": ratio("hir"),
-            "tmax_hypo_s": f"{(report.get('thresholds') or {}).get('tmax_hypo_s', 6.0):g}",
+            "tmax_hypo_s": f"{(report.get('thresholds') or {}).get('tmax_hypo_s', Thresholds.tmax_hypo_s):g}",
             "core_by_rcbf": ", ".join(f"< {100 * float(k):g}%: {v:.1f} mL" for k, v in by_rcbf.items())
             if len(by_rcbf) > 1 else ""}
 
