@@ -26,7 +26,7 @@ from strokeseg.io import write_image, write_text
 from strokeseg.report import report_to_csv
 
 from .dicom import SegSegment, write_dicom_seg
-from .segmentation import DIGEST_TAG, EDITED_TAG, get_tag, mask_digest, read_mask
+from .segmentation import is_user_edited, read_mask
 from .terminology import parse_terminology
 from .volumes import dicom_files, image_from_volume
 
@@ -76,8 +76,7 @@ def _segments_for_dicom(request: ExportRequest) -> list[SegSegment]:
         if not codes.get("category") or not codes.get("type"):
             continue  # a segment without standard codes cannot go into a DICOM SEG
         mask = read_mask(request.segmentation, segment_id, request.reference)
-        # Edited: protected after a user edit, or changed since StrokeSeg last wrote it.
-        edited = bool(get_tag(segment, EDITED_TAG)) or get_tag(segment, DIGEST_TAG) != mask_digest(mask)
+        edited = is_user_edited(request.segmentation, segment_id, request.reference, mask)
         segments.append(SegSegment(mask, segment.GetName(), codes["category"], codes["type"], codes.get("region"), edited))
     return segments
 

@@ -31,13 +31,12 @@ from strokeseg.postprocess import MaskRefiner, PostprocessSettings
 
 from .parameters import StrokeSegParameters
 from .segmentation import (
-    DIGEST_TAG,
-    EDITED_TAG,
-    ROLE_TAG,
     SETTINGS_TAG,
     add_segment,
     get_tag,
-    mask_digest,
+    hand_over_to_user,
+    is_user_edited,
+    managed_segments,
     read_mask,
     segment_mtime,
     write_mask,
@@ -110,15 +109,11 @@ class LesionMask:
 
     def is_edited(self, segment_id: str) -> bool:
         """Whether the segment's voxels differ from the last mask StrokeSeg wrote into it."""
-        segment = self._segment(segment_id)
-        if segment is None:
+        if self._segment(segment_id) is None:
             return False
-        stored = get_tag(segment, DIGEST_TAG)
-        if not stored:
-            return True  # never written by StrokeSeg: the user's
         if segment_id in self._written and self._written[segment_id] == segment_mtime(self.segmentation_node, segment_id):
             return False
-        edited = mask_digest(read_mask(self.segmentation_node, segment_id, self.reference)) != stored
+        edited = is_user_edited(self.segmentation_node, segment_id, self.reference)
         if not edited:  # remember the clean state: the next check is free again
             self._written[segment_id] = segment_mtime(self.segmentation_node, segment_id)
         return edited
@@ -146,10 +141,7 @@ class LesionMask:
         return MaskUpdate(segment_id, created, kept, int(np.count_nonzero(mask)), mask)
 
     def _protect(self, segment_id: str) -> str:
-        segment = self._segment(segment_id)
-        segment.SetTag(EDITED_TAG, "1")
-        if not segment.GetName().endswith("(edited)"):
-            segment.SetName(f"{segment.GetName()} (edited)")
+        hand_over_to_user(self.segmentation_node, segment_id)
         self.params.add_protected_segment(segment_id)
         return segment_id
 
@@ -205,11 +197,6 @@ class LesionMask:
 
     def _find_managed_segment(self) -> str:
         """After an undo removed the managed segment: the newest unprotected one of our role."""
-        segmentation = self.segmentation_node.GetSegmentation()
         protected = set(self.params.protected_segments())
-        for i in reversed(range(segmentation.GetNumberOfSegments())):
-            segment = segmentation.GetNthSegment(i)
-            segment_id = segmentation.GetNthSegmentID(i)
-            if get_tag(segment, ROLE_TAG) == self.term.key and segment_id not in protected:
-                return segment_id
-        return ""
+        ids = [s for s in managed_segments(self.segmentation_node, self.term.key) if s not in protected]
+        return ids[-1] if ids else ""

@@ -28,7 +28,8 @@ from .jobs import SegmentationJob
 from .lesionmask import LesionMask, MaskUpdate, settings_from_parameters
 from .parameters import StrokeSegParameters, get_parameter_node
 from .perfusion import PerfusionLogic
-from .segmentation import EDITED_TAG, ROLE_TAG, add_segment, create_segmentation, get_tag, read_mask, write_mask
+from .segmentation import (add_segment, create_segmentation, hand_over_to_user, is_user_edited, managed_segments, read_mask,
+                           write_mask)
 from .statistics import read_report, update_tables, write_report
 from .terminology import TERMS
 from .volumes import (
@@ -191,14 +192,9 @@ class StrokeSegLogic:
         """A segment the sliders do not drive (perfusion core/penumbra); user-edited ones are kept."""
         params = self.params
         segmentation, reference = params.segmentation, params.referenceVolume
-        seg = segmentation.GetSegmentation()
-        target = ""
-        for i in range(seg.GetNumberOfSegments()):
-            segment = seg.GetNthSegment(i)
-            if get_tag(segment, ROLE_TAG) == key and not get_tag(segment, EDITED_TAG):
-                target = seg.GetNthSegmentID(i)
-        if target and self.lesion_mask().is_edited(target):
-            seg.GetSegment(target).SetTag(EDITED_TAG, "1")
+        target = (managed_segments(segmentation, key) or [""])[-1]
+        if target and is_user_edited(segmentation, target, reference):
+            hand_over_to_user(segmentation, target)
             params.add_protected_segment(target)
             target = ""
         target = target or add_segment(segmentation, TERMS[key])
@@ -288,12 +284,10 @@ class StrokeSegLogic:
     def _perfusion_volumes(self, voxel_ml: float) -> dict[str, float]:
         """Core / penumbra volumes and mismatch from the core and penumbra segments, when present."""
         params = self.params
-        seg = params.segmentation.GetSegmentation()
         masks: dict[str, np.ndarray] = {}
-        for i in range(seg.GetNumberOfSegments()):
-            role = get_tag(seg.GetNthSegment(i), ROLE_TAG)
-            if role in ("core", "penumbra"):
-                mask = read_mask(params.segmentation, seg.GetNthSegmentID(i), params.referenceVolume) > 0
+        for role in ("core", "penumbra"):
+            for segment_id in managed_segments(params.segmentation, role):  # a segment left to the user is not counted
+                mask = read_mask(params.segmentation, segment_id, params.referenceVolume) > 0
                 masks[role] = masks[role] | mask if role in masks else mask
         out: dict[str, float] = {}
         if "core" in masks:

@@ -37,13 +37,11 @@ from .export import export_perfusion
 from .jobs import PerfusionJob
 from .parameters import MAP_KEYS, PERFUSION_THRESHOLDS, StrokeSegParameters, get_parameter_node, map_parameter_name
 from .segmentation import (
-    DIGEST_TAG,
-    EDITED_TAG,
-    ROLE_TAG,
     add_segment,
     create_segmentation,
-    get_tag,
-    mask_digest,
+    hand_over_to_user,
+    is_user_edited,
+    managed_segments,
     read_mask,
     write_mask,
 )
@@ -262,17 +260,10 @@ class PerfusionLogic:
         return report
 
     def _write_segment(self, segmentation: Any, role: str, mask: np.ndarray, reference: Any) -> str:
-        """Replace the role's segment; one the user edited is kept, renamed, and a new one made."""
-        seg = segmentation.GetSegmentation()
-        target = ""
-        for i in range(seg.GetNumberOfSegments()):
-            if get_tag(seg.GetNthSegment(i), ROLE_TAG) == role:
-                target = seg.GetNthSegmentID(i)
-        if target and _is_edited(segmentation, target, reference):
-            segment = seg.GetSegment(target)
-            segment.SetName(f"{segment.GetName()} (edited)")
-            segment.SetTag(EDITED_TAG, "1")
-            segment.SetTag(ROLE_TAG, f"{role}-edited")  # kept for the user, out of the statistics
+        """Replace the role's segment; one the user edited is left to the user and a new one made."""
+        target = (managed_segments(segmentation, role) or [""])[-1]
+        if target and is_user_edited(segmentation, target, reference):
+            hand_over_to_user(segmentation, target)
             target = ""
         target = target or add_segment(segmentation, TERMS[role])
         write_mask(segmentation, target, mask, reference)
@@ -291,16 +282,14 @@ class PerfusionLogic:
         """(core, penumbra, edited) from the segments as they are now; penumbra excludes the core."""
         p = self.params
         segmentation, reference = p.perfusionSegmentation, p.perfusionCbf
-        seg = segmentation.GetSegmentation()
         shape = reference.GetImageData().GetDimensions()[::-1]
         masks = {role: np.zeros(shape, bool) for role in ROLES}
         edited = False
-        for i in range(seg.GetNumberOfSegments()):
-            role = get_tag(seg.GetNthSegment(i), ROLE_TAG)
-            if role in masks:
-                mask = read_mask(segmentation, seg.GetNthSegmentID(i), reference)
+        for role in ROLES:
+            for segment_id in managed_segments(segmentation, role):  # a segment left to the user is not counted
+                mask = read_mask(segmentation, segment_id, reference)
                 masks[role] |= mask > 0
-                edited = edited or get_tag(seg.GetNthSegment(i), DIGEST_TAG) != mask_digest(mask)
+                edited = edited or is_user_edited(segmentation, segment_id, reference, mask)
         return masks["core"], masks["penumbra"] & ~masks["core"], edited
 
     def update_statistics(self) -> dict[str, Any]:
@@ -344,13 +333,6 @@ def _annotate_map(node: Any, key: str, unit: str, series_id: str) -> None:
         node.SetVoxelValueUnits(entry)
     label, meaning = MAP_NAMES[key]
     node.SetDescription(f"{label} ({meaning}) in {unit}, computed by StrokeSeg (research use only)")
-
-
-def _is_edited(segmentation: Any, segment_id: str, reference: Any) -> bool:
-    segment = segmentation.GetSegmentation().GetSegment(segment_id)
-    if get_tag(segment, EDITED_TAG):
-        return True
-    return get_tag(segment, DIGEST_TAG) != mask_digest(read_mask(segmentation, segment_id, reference))
 
 
 def _references(segmentation: Any, reference: Any) -> bool:

@@ -7,7 +7,10 @@ reference geometry, so shared labelmaps and cropped extents are handled by Slice
 
 Each mask StrokeSeg writes is fingerprinted: the SHA-1 of its voxels is stored in the segment
 tag ``StrokeSeg.MaskDigest`` (tags are saved in ``.seg.nrrd`` and ``.mrb``). A segment whose
-voxels no longer match its fingerprint has been edited by the user.
+voxels no longer match its fingerprint has been edited by the user. Such a segment is handed
+over to the user (:func:`hand_over_to_user`): tagged ``StrokeSeg.Edited``, named "... (edited)",
+never written again and left out of the statistics, while a new segment takes its role. The lesion,
+core and penumbra segments of both modules follow this one rule (:func:`managed_segments`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ DIGEST_TAG = "StrokeSeg.MaskDigest"
 ROLE_TAG = "StrokeSeg.Role"  # lesion / core / penumbra
 EDITED_TAG = "StrokeSeg.Edited"
 SETTINGS_TAG = "StrokeSeg.Settings"
+EDITED_SUFFIX = " (edited)"
 SEGMENTATIONS_LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
 
 
@@ -53,6 +57,34 @@ def add_segment(segmentation_node: Any, term: SegmentTerm, name: str | None = No
 def get_tag(segment: Any, tag: str) -> str:
     value = vtk.reference("")
     return str(value) if segment.GetTag(tag, value) else ""
+
+
+def managed_segments(segmentation_node: Any, role: str) -> list[str]:
+    """Ids of the segments of ``role`` that StrokeSeg still writes (not handed over to the user), oldest first."""
+    seg = segmentation_node.GetSegmentation()
+    return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())
+            if get_tag(seg.GetNthSegment(i), ROLE_TAG) == role and not get_tag(seg.GetNthSegment(i), EDITED_TAG)]
+
+
+def is_user_edited(segmentation_node: Any, segment_id: str, reference: Any, mask: np.ndarray | None = None) -> bool:
+    """Whether the segment is the user's: handed over already, or its voxels (``mask`` if already
+    read) differ from the last mask StrokeSeg wrote into it, or StrokeSeg never wrote it."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if get_tag(segment, EDITED_TAG):
+        return True
+    stored = get_tag(segment, DIGEST_TAG)
+    if not stored:
+        return True
+    mask = read_mask(segmentation_node, segment_id, reference) if mask is None else mask
+    return stored != mask_digest(mask)
+
+
+def hand_over_to_user(segmentation_node: Any, segment_id: str) -> None:
+    """Leave an edited segment to the user: tagged ``StrokeSeg.Edited`` and named "... (edited)"."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    segment.SetTag(EDITED_TAG, "1")
+    if not segment.GetName().endswith(EDITED_SUFFIX):
+        segment.SetName(segment.GetName() + EDITED_SUFFIX)
 
 
 def _oriented_image(mask: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> Any:

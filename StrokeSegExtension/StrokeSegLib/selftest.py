@@ -24,7 +24,7 @@ from strokeseg.io import write_image
 from .headless import write_sequence
 from .parameters import MAP_KEYS, map_parameter_name
 from .perfusion import grid_node
-from .segmentation import ROLE_TAG, get_tag, read_mask
+from .segmentation import managed_segments, read_mask
 from .statistics import PERFUSION_ROWS, table_as_rows
 from .volumes import add_sequence_from_image, ijk_to_ras, sequence_for_proxy
 
@@ -134,12 +134,10 @@ def run_perfusion_selftest(
 
     segmentation = p.perfusionSegmentation
     _check(segmentation is not None, "no perfusion segmentation in the scene")
-    seg = segmentation.GetSegmentation()
     voxels = {}
-    for i in range(seg.GetNumberOfSegments()):
-        role = get_tag(seg.GetNthSegment(i), ROLE_TAG)
-        if role in ("core", "penumbra"):
-            voxels[role] = int(np.count_nonzero(read_mask(segmentation, seg.GetNthSegmentID(i), p.perfusionCbf)))
+    for role in ("core", "penumbra"):
+        for segment_id in managed_segments(segmentation, role):
+            voxels[role] = int(np.count_nonzero(read_mask(segmentation, segment_id, p.perfusionCbf)))
     for role in ("core", "penumbra"):
         _check(voxels.get(role, 0) > 0, f"the {role} segment is missing or empty")
 

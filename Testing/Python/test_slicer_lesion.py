@@ -276,6 +276,26 @@ def test_perfusion_core_and_penumbra_segments_and_mismatch(scene):
     assert "SCT^52674009^Ischemia" in seg.GetSegment(seg.GetSegmentIdBySegmentName("Penumbra")).GetTerminology()
 
 
+def test_an_edited_core_segment_is_left_to_the_user_and_out_of_the_statistics(scene):
+    """The rule of the lesion segment and of the perfusion module: a re-run keeps the user's core
+    as "... (edited)" and writes a new one; the statistics count the new one only (not the union)."""
+    _, logic, dwi, result = scene
+    core = np.zeros_like(result.mask.array)
+    core[14:16, 50:60, 50:60] = 1
+    first = logic.write_fixed_segment("core", core)
+    edited = core.copy()
+    edited[14:16, 60:66, 50:60] = 1  # the user extends it, as a Segment Editor effect writes
+    image = _oriented_image(edited, ijk_to_ras(dwi))
+    SEGMENTATIONS.SetBinaryLabelmapToSegment(image, logic.params.segmentation, first, SEGMENTATIONS.MODE_REPLACE,
+                                             image.GetExtent())
+    second = logic.write_fixed_segment("core", core)
+    seg = logic.params.segmentation.GetSegmentation()
+    assert second != first and seg.GetSegment(first).GetName() == "Infarct core (edited)"
+    assert get_tag(seg.GetSegment(first), EDITED_TAG) == "1" and first in logic.params.protected_segments()
+    assert logic.update_statistics()["core_ml"] == pytest.approx(core.sum() * result.mask.voxel_volume_ml)
+    assert logic.write_fixed_segment("core", core) == second  # unedited: written in place
+
+
 # -- exports -----------------------------------------------------------------------------------
 def _sitk_array_and_grid(path):
     img = sitk.ReadImage(str(path))

@@ -34,7 +34,7 @@ from StrokeSegLib.parameters import (  # noqa: E402
     map_parameter_name,
 )
 from StrokeSegLib.perfusion import UNITS_ATTRIBUTE, grid_node  # noqa: E402
-from StrokeSegLib.segmentation import SEGMENTATIONS_LOGIC, ROLE_TAG, _oriented_image, get_tag, read_mask  # noqa: E402
+from StrokeSegLib.segmentation import EDITED_TAG, SEGMENTATIONS_LOGIC, ROLE_TAG, _oriented_image, get_tag, read_mask  # noqa: E402
 from StrokeSegLib.statistics import table_as_rows  # noqa: E402
 from StrokeSegLib.terminology import TYPE_INFARCT, TYPE_ISCHEMIA, parse_terminology  # noqa: E402
 from StrokeSegLib.volumes import add_sequence_from_image, ijk_to_ras, ijk_to_ras_from_image  # noqa: E402
@@ -342,6 +342,8 @@ def test_edits_change_the_statistics_and_a_rerun_keeps_them(tmp_path, series_fil
     names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
     assert "Infarct core (edited)" in names and "Infarct core" in names
     np.testing.assert_array_equal(read_mask(p.perfusionSegmentation, core_id, p.perfusionCbf), edited)
+    kept = seg.GetSegment(core_id)
+    assert get_tag(kept, EDITED_TAG) == "1" and get_tag(kept, ROLE_TAG) == "core"  # the lesion module's rule
     assert logic.perfusion.update_statistics()["core_ml"] == expected.report["core_ml"]
 
 
