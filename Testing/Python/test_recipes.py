@@ -380,6 +380,34 @@ def test_paper000_resumes_after_stage_1(tmp_path, capsys, monkeypatch):
     assert "resuming" not in capsys.readouterr().out
 
 
+def test_paper000_new_fine_tune_starts_from_stage_1_weights(tmp_path, monkeypatch):
+    """A fine-tune that improved replaces best.safetensors; a later fine-tune with other settings
+    (same stage 1) still starts from stage 1's best, not from the earlier fine-tune's."""
+    import itertools
+
+    from strokeseg_training.cli import main
+    from strokeseg_training.recipes import paper000_deepmedic
+
+    scores = itertools.count(1)
+    monkeypatch.setattr(paper000_deepmedic, "validate", lambda *a, **k: float(next(scores)))  # every round improves
+    seen = []
+    real = paper000_deepmedic.stage1_probabilities
+
+    def spy(path, stage1, net, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return real(path, stage1, net, *args, **kwargs)
+
+    monkeypatch.setattr(paper000_deepmedic, "stage1_probabilities", spy)
+    _root, config = tiny_deepmedic(tmp_path, {"steps": 2, "val_every": 1, "freeze_layers": 6})
+    assert main(["train", "--config", str(config)]) == 0
+    from safetensors.torch import load_file
+
+    fine_tuned = load_file(str(tmp_path / "run" / "best.safetensors"))
+    assert any(not torch.equal(fine_tuned[k], seen[0][k]) for k in seen[0])  # the fine-tune's weights won
+    assert main(["train", "--config", str(config), "--set", "train.finetune.lr=0.002"]) == 0
+    assert len(seen) == 2 and all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
+
+
 def test_paper000_fine_tunes_earlier_weights(tmp_path, capsys):
     """train.init_weights + train.steps 0: stage 1 only scores the given weights (once, also
     when run again), then E2 fine-tunes them."""

@@ -162,6 +162,8 @@ def train_deepmedic(cfg: dict[str, Any], *, resume: bool = True) -> Path:
     if int(ft.get("steps", 0)) > 0:
         from safetensors.torch import load_file
 
+        # Stage 1's best even on a rerun after the fine-tune improved: recipe_setup removed the old
+        # best.safetensors and stage 1's fit restored its own best from log.ckpt just above.
         net.load_state_dict(load_file(str(out / "best.safetensors")))
         stage1 = json.dumps([settings_key(cfg, drop_train=("finetune",)), s1["steps_done"], s1["best_val"]])
         probs = stage1_probabilities(out / ERROR_MAPS, stage1, net, card, train_vols, dev)
