@@ -24,6 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "StrokeSegExtension"))
 sys.path.insert(0, str(REPO_ROOT / "Testing" / "Python"))
 
+from slice_view import axial_view, view_rgba  # noqa: E402 (docs/, beside this script)
+
 SOOP_LESIONS = REPO_ROOT.parent / "shared" / "data" / "soop" / "lesions"
 
 
@@ -31,15 +33,8 @@ class SliceRenderer:
     """Slicer's slice pipeline for one axial view: background, foreground at an opacity, label outline."""
 
     def __init__(self, ctx, background, foreground, label, opacity: float, size: int = 320) -> None:
-        import slicer
-
-        self.logic = slicer.vtkMRMLSliceLogic()
-        self.logic.SetMRMLApplicationLogic(ctx.app_logic)
-        self.logic.SetMRMLScene(ctx.scene)
-        node = self.logic.AddSliceNode("Red")
-        node.SetOrientation("Axial")
-        node.SetDimensions(size, size, 1)
-        node.SetUseLabelOutline(True)
+        self.logic = axial_view(ctx, size)
+        self.logic.GetSliceNode().SetUseLabelOutline(True)
         composite = self.logic.GetSliceCompositeNode()
         composite.SetBackgroundVolumeID(background.GetID())
         composite.SetForegroundVolumeID(foreground.GetID())
@@ -50,15 +45,7 @@ class SliceRenderer:
 
     def rgba(self, offset: float) -> np.ndarray:
         """The blended slice at this offset (mm along the slice normal), rows top to bottom."""
-        from vtk.util import numpy_support
-
-        self.logic.SetSliceOffset(offset)
-        self.logic.UpdatePipeline()
-        producer = self.logic.GetImageDataConnection().GetProducer()
-        producer.Update()
-        image = producer.GetOutputDataObject(0)
-        nx, ny, _ = image.GetDimensions()
-        return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(ny, nx, -1)[::-1].copy()
+        return view_rgba(self.logic, offset)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -72,7 +59,6 @@ def main(argv: list[str] | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import slicer
 
     from strokeseg.io import read_image
     from strokeseg.phantom import simulate_dwi, write_case
@@ -80,7 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
     from StrokeSegLib.logic import StrokeSegLogic
     from StrokeSegLib.sampledata import NODE_NAMES
     from StrokeSegLib.segmentation import read_mask
-    from StrokeSegLib.volumes import add_volume_from_image, image_from_volume
+    from StrokeSegLib.volumes import add_volume_from_image, image_from_volume, ijk_to_ras
 
     library = SOOP_LESIONS if SOOP_LESIONS.is_dir() else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +95,7 @@ def main(argv: list[str] | None = None) -> Path:
         # Three axial slices through the lesion, largest area first, shown in anatomical order.
         area = mask.reshape(mask.shape[0], -1).sum(1).astype(np.int64)
         ks = sorted(int(k) for k in np.argsort(-area)[:3]) if area.any() else [mask.shape[0] // 2]
-        matrix = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(nodes["dwi"]))
+        matrix = ijk_to_ras(nodes["dwi"])
         centre = np.array([(n - 1) / 2 for n in nodes["dwi"].GetImageData().GetDimensions()])
         renderer = SliceRenderer(ctx, nodes["dwi"], params.probabilityVolume, label, params.probabilityOpacity)
         panels = [renderer.rgba(float((matrix @ np.array([centre[0], centre[1], k, 1.0]))[2])) for k in ks]
@@ -130,14 +116,6 @@ def main(argv: list[str] | None = None) -> Path:
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
     return args.out
-
-
-def _ijk_to_ras(node):
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    return m
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "StrokeSegExtension"))
 
+from slice_view import axial_view, view_rgba  # noqa: E402 (docs/, beside this script)
+
 SOOP_LESIONS = REPO_ROOT.parent / "shared" / "data" / "soop" / "lesions"
 LABELS = {"penumbra": 2, "core": 1}  # drawing order: the core outline on top
 
@@ -32,14 +34,7 @@ class SliceRenderer:
     a label map resliced alongside."""
 
     def __init__(self, ctx, label, size: int = 360) -> None:
-        import slicer
-
-        self.logic = slicer.vtkMRMLSliceLogic()
-        self.logic.SetMRMLApplicationLogic(ctx.app_logic)
-        self.logic.SetMRMLScene(ctx.scene)
-        node = self.logic.AddSliceNode("Red")
-        node.SetOrientation("Axial")
-        node.SetDimensions(size, size, 1)
+        self.logic = axial_view(ctx, size)
         self.composite = self.logic.GetSliceCompositeNode()
         self.composite.SetBackgroundVolumeID(label.GetID())
         self.composite.SetLabelVolumeID(label.GetID())
@@ -52,13 +47,7 @@ class SliceRenderer:
         from vtk.util import numpy_support
 
         self.composite.SetBackgroundVolumeID(background.GetID())
-        self.logic.SetSliceOffset(offset)
-        self.logic.UpdatePipeline()
-        producer = self.logic.GetImageDataConnection().GetProducer()
-        producer.Update()
-        image = producer.GetOutputDataObject(0)
-        nx, ny, _ = image.GetDimensions()
-        rgba = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(ny, nx, -1)[::-1].copy()
+        rgba = view_rgba(self.logic, offset)
         reslice = self.logic.GetLabelLayer().GetReslice()
         reslice.Update()
         labels = reslice.GetOutput()
@@ -99,9 +88,9 @@ def main(argv: list[str] | None = None) -> Path:
     from StrokeSegLib.headless import create_context, write_sequence
     from StrokeSegLib.logic import StrokeSegLogic
     from StrokeSegLib.perfusion import UNITS_ATTRIBUTE
-    from StrokeSegLib.segmentation import ROLE_TAG, get_tag, read_mask
+    from StrokeSegLib.segmentation import managed_segments, read_mask
     from StrokeSegLib.terminology import TERMS
-    from StrokeSegLib.volumes import add_sequence_from_image, add_volume_from_image, image_from_volume
+    from StrokeSegLib.volumes import add_sequence_from_image, add_volume_from_image, image_from_volume, ijk_to_ras
 
     library = SOOP_LESIONS if SOOP_LESIONS.is_dir() else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,19 +108,17 @@ def main(argv: list[str] | None = None) -> Path:
         cbf, tmax = p.perfusionCbf, p.perfusionTmax
 
         # The core and penumbra segments as one label map on the maps' grid (what the outlines show).
-        seg = p.perfusionSegmentation.GetSegmentation()
         labels = np.zeros(cbf.GetImageData().GetDimensions()[::-1], np.uint8)
-        for i in range(seg.GetNumberOfSegments()):
-            role = get_tag(seg.GetNthSegment(i), ROLE_TAG)
-            if role in LABELS:
-                labels[read_mask(p.perfusionSegmentation, seg.GetNthSegmentID(i), cbf) > 0] = LABELS[role]
+        for role, value in LABELS.items():
+            for segment_id in managed_segments(p.perfusionSegmentation, role):
+                labels[read_mask(p.perfusionSegmentation, segment_id, cbf) > 0] = value
         label = add_volume_from_image(ctx.scene, image_from_volume(cbf).with_array(labels), "perfusion labels",
                                       reference=cbf, class_name="vtkMRMLLabelMapVolumeNode")
 
         # Two axial slices with the most hypoperfused tissue, in anatomical order.
         area = (labels > 0).reshape(labels.shape[0], -1).sum(1)
         ks = sorted(int(k) for k in np.argsort(-area)[:2])
-        matrix = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(cbf))
+        matrix = ijk_to_ras(cbf)
         centre = np.array([(n - 1) / 2 for n in cbf.GetImageData().GetDimensions()])
         offsets = [float((matrix @ np.array([centre[0], centre[1], k, 1.0]))[2]) for k in ks]
         renderer = SliceRenderer(ctx, label)
@@ -173,14 +160,6 @@ def main(argv: list[str] | None = None) -> Path:
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
     return args.out
-
-
-def _ijk_to_ras(node):
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    return m
 
 
 if __name__ == "__main__":

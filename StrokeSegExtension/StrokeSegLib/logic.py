@@ -28,8 +28,7 @@ from .jobs import SegmentationJob
 from .lesionmask import LesionMask, MaskUpdate, settings_from_parameters
 from .parameters import StrokeSegParameters, get_parameter_node
 from .perfusion import PerfusionLogic
-from .segmentation import (add_segment, create_segmentation, hand_over_to_user, is_user_edited, managed_segments, read_mask,
-                           write_mask)
+from .segmentation import create_segmentation, managed_segments, read_mask, write_role_segment
 from .statistics import read_report, update_tables, write_report
 from .terminology import TERMS
 from .volumes import (
@@ -191,14 +190,9 @@ class StrokeSegLogic:
     def write_fixed_segment(self, key: str, mask: np.ndarray) -> str:
         """A segment the sliders do not drive (perfusion core/penumbra); user-edited ones are kept."""
         params = self.params
-        segmentation, reference = params.segmentation, params.referenceVolume
-        target = (managed_segments(segmentation, key) or [""])[-1]
-        if target and is_user_edited(segmentation, target, reference):
-            hand_over_to_user(segmentation, target)
-            params.add_protected_segment(target)
-            target = ""
-        target = target or add_segment(segmentation, TERMS[key])
-        write_mask(segmentation, target, mask, reference)
+        target, kept = write_role_segment(params.segmentation, TERMS[key], mask, params.referenceVolume)
+        if kept:
+            params.add_protected_segment(kept)
         return target
 
     # -- the slider loop -----------------------------------------------------------------

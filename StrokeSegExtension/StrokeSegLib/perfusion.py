@@ -36,15 +36,7 @@ from .display import show_in_slice_views, style_perfusion_map, style_segmentatio
 from .export import export_perfusion
 from .jobs import PerfusionJob
 from .parameters import MAP_KEYS, PERFUSION_THRESHOLDS, StrokeSegParameters, get_parameter_node, map_parameter_name
-from .segmentation import (
-    add_segment,
-    create_segmentation,
-    hand_over_to_user,
-    is_user_edited,
-    managed_segments,
-    read_mask,
-    write_mask,
-)
+from .segmentation import create_segmentation, is_user_edited, managed_segments, read_mask, write_role_segment
 from .statistics import read_report, update_perfusion_table, write_report
 from .terminology import TERMS
 from .volumes import (
@@ -235,7 +227,7 @@ class PerfusionLogic:
             created += [segmentation, segmentation.GetDisplayNode()]
         style_segmentation(segmentation)
         for role, mask in (("core", result.core.array), ("penumbra", result.penumbra.array)):
-            self._write_segment(segmentation, role, np.asarray(mask), reference)
+            write_role_segment(segmentation, TERMS[role], np.asarray(mask), reference)
 
         report_node, new = write_report(self.scene, p.perfusionReport, {**result.report, "series": base},
                                         REPORT_NODE_NAME, "perfusion-report")
@@ -258,16 +250,6 @@ class PerfusionLogic:
             created.append(p.perfusionTable)
         show_in_slice_views(self.scene, nodes["tmax"])
         return report
-
-    def _write_segment(self, segmentation: Any, role: str, mask: np.ndarray, reference: Any) -> str:
-        """Replace the role's segment; one the user edited is left to the user and a new one made."""
-        target = (managed_segments(segmentation, role) or [""])[-1]
-        if target and is_user_edited(segmentation, target, reference):
-            hand_over_to_user(segmentation, target)
-            target = ""
-        target = target or add_segment(segmentation, TERMS[role])
-        write_mask(segmentation, target, mask, reference)
-        return target
 
     # -- statistics ----------------------------------------------------------------------
     def has_result(self) -> bool:

@@ -79,6 +79,19 @@ def is_user_edited(segmentation_node: Any, segment_id: str, reference: Any, mask
     return stored != mask_digest(mask)
 
 
+def write_role_segment(segmentation_node: Any, term: SegmentTerm, mask: np.ndarray, reference: Any) -> tuple[str, str]:
+    """Write ``mask`` into the segment of ``term``'s role that StrokeSeg drives; one the user edited
+    is handed over to them and a new segment made. Returns (id written, id handed over or "")."""
+    target = (managed_segments(segmentation_node, term.key) or [""])[-1]
+    kept = ""
+    if target and is_user_edited(segmentation_node, target, reference):
+        hand_over_to_user(segmentation_node, target)
+        target, kept = "", target
+    target = target or add_segment(segmentation_node, term)
+    write_mask(segmentation_node, target, mask, reference)
+    return target, kept
+
+
 def hand_over_to_user(segmentation_node: Any, segment_id: str) -> None:
     """Leave an edited segment to the user: tagged ``StrokeSeg.Edited`` and named "... (edited)"."""
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
