@@ -103,6 +103,32 @@ def test_data_key_follows_the_cases_only():
     assert data_key(load_config(CONFIG, ["card.target_spacing=[3.0,3.0,3.0]"]), "train") != key
 
 
+def test_every_config_names_its_own_model_version():
+    """Export refuses other weights under a card id and version it already holds, so no two
+    configs may share one (experiments that were not shipped carry a pre-release tag)."""
+    import json
+
+    seen: dict[tuple[str, str], str] = {}
+    for path in sorted((Path(CONFIG).parent).glob("*.json")):
+        card = json.loads(path.read_text(encoding="utf-8"))["card"]
+        key = (card["id"], card["version"])
+        assert key not in seen, f"{path.name} and {seen.get(key)} both export {key}"
+        seen[key] = path.name
+    assert len(seen) >= 20
+
+
+def test_settings_key_follows_what_the_weights_learn():
+    """A new card version (to export under it), name or description resumes the finished run;
+    the card's grid or patch, a training setting or the data does not."""
+    from strokeseg_training.resume import settings_key
+
+    key = settings_key(load_config(CONFIG))
+    renamed = ["card.version=9.9.9", "card.name=renamed", "card.description=edited", "train.steps=99999"]
+    assert settings_key(load_config(CONFIG, renamed)) == key
+    for change in ("card.patch_size=[32,32,16]", "card.postprocess.threshold=0.3", "train.lr=0.5", "data.seed=12345"):
+        assert settings_key(load_config(CONFIG, [change])) != key, change
+
+
 def test_perfusion_phantom_caches_follow_the_maps_pipeline(monkeypatch):
     """Perfusion phantoms' inputs are the maps our pipeline computes: a change of one modality's
     defaults (its MAPS_VERSION) makes new caches for that modality only; DWI caches do not

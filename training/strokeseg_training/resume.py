@@ -4,7 +4,9 @@ generators' states, so that a resumed CPU run draws what the uninterrupted one w
 Every training loop keys its checkpoint with :func:`settings_key`; a checkpoint written under
 another key is not resumed (a rerun with a changed learning rate must not silently continue the
 old run). How long a run is (``steps``, ``max_minutes``, at any depth) is left out of the key: a
-rerun with more steps or minutes continues the run instead of starting again.
+rerun with more steps or minutes continues the run instead of starting again. So are the card's
+words (id, version, name, description, licence): raising ``card.version`` to export a model
+under a new version must not train it again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from strokeseg.io import write_bytes
 from .config import NOT_IN_DATA_KEY, repo_path
 
 NOT_IN_TRAIN_KEY = ("steps", "max_minutes")  # how long, not what: a longer rerun continues
+NOT_IN_CARD_KEY = ("id", "version", "name", "description", "licence")  # what the model is called, not what it learns
 
 
 def _without_length(settings: Any) -> Any:
@@ -32,7 +35,7 @@ def _without_length(settings: Any) -> Any:
 
 
 def settings_key(cfg: dict[str, Any], drop_train: tuple[str, ...] = ()) -> str:
-    """What a run's weights depend on: the card, the data (not free text or worker counts), the
+    """What a run's weights depend on: the card (not its words), the data (not free text or worker counts), the
     training settings other than ``drop_train`` (a later stage's own block) and the run's length,
     and the content of ``train.init_weights`` when a run starts from earlier weights."""
     train = {k: v for k, v in cfg["train"].items() if k not in drop_train}
@@ -40,7 +43,7 @@ def settings_key(cfg: dict[str, Any], drop_train: tuple[str, ...] = ()) -> str:
     if init:
         path = repo_path(init)
         train["init_weights_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-    blob = json.dumps({"card": cfg["card"],
+    blob = json.dumps({"card": {k: v for k, v in cfg["card"].items() if k not in NOT_IN_CARD_KEY},
                        "data": {k: v for k, v in cfg["data"].items() if k not in NOT_IN_DATA_KEY},
                        "train": _without_length(train)}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
