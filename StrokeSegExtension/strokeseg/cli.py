@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--closing-mm", type=float, default=None, help="closing radius in mm (default: card)")
     s.add_argument("--min-lesion-ml", type=float, default=None, help="smallest lesion kept, mL (default: card)")
     s.add_argument("--b-value", type=float, default=None, help="b-value of the DWI when ADC is computed (default: header or 1000)")
-    s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="mirror test-time augmentation")
+    s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror test-time augmentation along the axes the model was trained to mirror (card inference.tta_axes; left-right by default)")
     s.add_argument("--as", dest="as_", action="append", metavar="FILE=KEY", help="say what an input is (repeatable)")
     s.add_argument("--overwrite", action="store_true", help="batch: redo cases that are already finished")
     s.add_argument("-q", "--quiet", action="store_true")

@@ -22,6 +22,11 @@ import_monai()  # first, so that the next line finds MONAI imported lean in the 
 from monai.inferers import sliding_window_inference  # noqa: E402
 
 ProgressFn = Callable[[float, str], None]
+# Mirror test-time augmentation averages the network over mirrored inputs. A mirroring it never saw
+# in training (every recipe flips left-right only: axis x of the model grid) feeds it an
+# upside-down or back-to-front head, so a card lists the axes it may be mirrored along.
+TTA_AXES = {"z": 2, "y": 3, "x": 4}  # spatial axes of (N, C, z, y, x)
+DEFAULT_TTA_AXES = ("x",)
 
 
 def available_devices() -> list[str]:
@@ -82,8 +87,9 @@ def predict(
     overlap = tuple(float(v) for v in reversed(raw_overlap)) if isinstance(raw_overlap, list) else float(raw_overlap)
     tta = inf.get("mirror_tta", False) if mirror_tta is None else mirror_tta
     flips: list[tuple[int, ...]] = [()]
-    if tta:  # all mirrorings of the three spatial axes of (N, C, z, y, x)
-        flips = [f for n in range(4) for f in itertools.combinations((2, 3, 4), n)]
+    if tta:  # every combination of the mirrorings the network was trained with (card: inference.tta_axes)
+        axes = sorted(TTA_AXES[a] for a in inf.get("tta_axes", DEFAULT_TTA_AXES))
+        flips = [f for n in range(len(axes) + 1) for f in itertools.combinations(axes, n)]
     per_pass = _count_windows(array.shape[1:], roi, overlap)
     total = per_pass * len(flips) * len(networks)
     done = 0

@@ -47,9 +47,22 @@ def test_fold_ensemble_is_the_mean_of_its_folds(card, x):
     assert pab.shape == x.shape[1:] and pab.dtype == np.float32
 
 
-def test_mirror_tta_averages_the_eight_mirrorings(card, x):
+def test_mirror_tta_mirrors_left_right_unless_the_card_lists_more_axes(card, x):
+    """By default only the mirroring every recipe trains with (x, left-right): two passes."""
     (net,) = nets(card, 1)
     tta = predict(x, [net], card, device="cpu", mirror_tta=True)
+    plain = predict(x, [net], card, device="cpu", mirror_tta=False)
+    flipped = np.flip(predict(np.flip(x, 3).copy(), [net], card, device="cpu", mirror_tta=False), 2)
+    np.testing.assert_allclose(tta, (plain + flipped) / 2, atol=1e-5)
+
+
+def test_mirror_tta_averages_the_eight_mirrorings_of_three_listed_axes(card, x):
+    import copy
+
+    (net,) = nets(card, 1)
+    three = ModelCard(raw=copy.deepcopy(card.raw), folder=None)
+    three.raw["inference"]["tta_axes"] = ["z", "y", "x"]
+    tta = predict(x, [net], three, device="cpu", mirror_tta=True)
     manual = np.zeros_like(tta)
     for fz in (False, True):
         for fy in (False, True):

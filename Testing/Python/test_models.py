@@ -403,6 +403,7 @@ def _set(path: str, value: Any) -> Any:
         (_set("weights", []), "weights"),
         (_set("postprocess.threshold", 1.5), "postprocess/threshold"),
         (_set("inference.overlapp", 0.5), "inference"),
+        (_set("inference.tta_axes", ["lr"]), "inference/tta_axes/0"),
         (_set("postprocessing", {}), "'postprocessing' was unexpected"),
         (_set("normalisation.adc", {"method": "window", "low": 0}), "normalisation/adc"),
         (_set("created", "2025-13-45"), "created"),
