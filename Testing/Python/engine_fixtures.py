@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
+from strokeseg.image import Image
 from strokeseg.models import build_network, save_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -60,3 +63,27 @@ def assert_bundled_card(card, min_cases: int) -> None:
     m = card.validation["metrics"]
     assert card.validation["n_cases"] >= min_cases
     assert 0.0 <= m["dice_median"] <= 1.0 and m["abs_volume_diff_ml_median"] >= 0.0
+
+
+def write_dicom_series(img: Image, folder, tags: dict[str, str], uid_root: str = "1.2.826.0.1.3680043.8.498.77") -> None:
+    """One file per slice with the geometry tags SimpleITK/GDCM need (int16 pixels)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vol = img.to_sitk()
+    vol = sitk.Cast(vol, sitk.sitkInt16)
+    d = img.direction_matrix
+    series_uid = f"{uid_root}.{int(time.time() * 1e3) % 10**9}.{abs(hash(str(folder))) % 10**6}"
+    common = {
+        "0008|0021": "20240101", "0008|0031": "120000", "0020|000d": f"{series_uid}.1", "0020|000e": f"{series_uid}.2",
+        "0020|0037": "\\".join(f"{v:.10f}" for v in (*d[:, 0], *d[:, 1])), **tags,
+    }
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(vol.GetSize()[2]):
+        sl = vol[:, :, k]
+        for tag, value in common.items():
+            sl.SetMetaData(tag, value)
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.10f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, k))))
+        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0008|0018", f"{series_uid}.3.{k}")
+        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
+        writer.Execute(sl)

@@ -4,13 +4,13 @@ oblique directions, anisotropic voxels, flipped and left-handed axes, non-zero o
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from engine_fixtures import write_dicom_series
 from strokeseg import io
 from strokeseg.errors import InputError, OutputError
 from strokeseg.image import Image, grid_with_spacing, resample_to
@@ -178,30 +178,6 @@ def test_4d_nifti_in_milliseconds_reads_seconds(tmp_path):
 
 
 # -- DICOM ---------------------------------------------------------------------------------
-def write_dicom_series(img: Image, folder, tags: dict[str, str], uid_root: str = "1.2.826.0.1.3680043.8.498.77") -> None:
-    """One file per slice with the geometry tags SimpleITK/GDCM need (int16 pixels)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vol = img.to_sitk()
-    vol = sitk.Cast(vol, sitk.sitkInt16)
-    d = img.direction_matrix
-    series_uid = f"{uid_root}.{int(time.time() * 1e3) % 10**9}.{abs(hash(str(folder))) % 10**6}"
-    common = {
-        "0008|0021": "20240101", "0008|0031": "120000", "0020|000d": f"{series_uid}.1", "0020|000e": f"{series_uid}.2",
-        "0020|0037": "\\".join(f"{v:.10f}" for v in (*d[:, 0], *d[:, 1])), **tags,
-    }
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(vol.GetSize()[2]):
-        sl = vol[:, :, k]
-        for tag, value in common.items():
-            sl.SetMetaData(tag, value)
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.10f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, k))))
-        sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0018", f"{series_uid}.3.{k}")
-        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
-        writer.Execute(sl)
-
-
 def test_dicom_series_folder_reads_back_geometry_and_meta(tmp_path):
     img = _image(DIRECTIONS["oblique"], shape=(6, 14, 16), dtype=np.int16)
     tags = {"0008|0060": "MR", "0008|103e": "ep2d_diff_3scan_trace_p2_ADC",

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import time
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
+from engine_fixtures import write_dicom_series
 from strokeseg import io
 from strokeseg.errors import InputError
 from strokeseg.image import Image
@@ -159,27 +158,6 @@ def test_detect_from_dicom_meta(meta, key):
     det = detect_from_dicom(meta)
     assert det.key == key, det.reason
     assert det.reason and "\n" not in det.reason
-
-
-def write_dicom_series(img: Image, folder, tags: dict[str, str]) -> None:
-    """One int16 file per slice with the geometry tags GDCM needs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vol = sitk.Cast(img.to_sitk(), sitk.sitkInt16)
-    d = img.direction_matrix
-    uid = f"1.2.826.0.1.3680043.8.498.{int(time.time() * 1e3) % 10**9}.{abs(hash(str(folder))) % 10**6}"
-    common = {"0008|0021": "20240101", "0008|0031": "120000", "0020|000d": f"{uid}.1", "0020|000e": f"{uid}.2",
-              "0020|0037": "\\".join(f"{v:.10f}" for v in (*d[:, 0], *d[:, 1])), **tags}
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(vol.GetSize()[2]):
-        sl = vol[:, :, k]
-        for tag, value in common.items():
-            sl.SetMetaData(tag, value)
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.10f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, k))))
-        sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0018", f"{uid}.3.{k}")
-        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
-        writer.Execute(sl)
 
 
 def test_dicom_series_detection_end_to_end(tmp_path):
