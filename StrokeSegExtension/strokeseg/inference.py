@@ -29,6 +29,14 @@ TTA_AXES = {"z": 2, "y": 3, "x": 4}  # spatial axes of (N, C, z, y, x)
 DEFAULT_TTA_AXES = ("x",)
 
 
+def mirror_axes(card: Any, mirror_tta: bool | None = None) -> list[str]:
+    """Axes the input is mirrored along at test time, [] without TTA: the card's ``inference.tta_axes``
+    when TTA is on (``mirror_tta``, or the card's own ``inference.mirror_tta`` when None)."""
+    inf = card.raw.get("inference", {})
+    on = inf.get("mirror_tta", False) if mirror_tta is None else mirror_tta
+    return sorted(inf.get("tta_axes", DEFAULT_TTA_AXES), key=TTA_AXES.get) if on else []
+
+
 def available_devices() -> list[str]:
     devs = ["cpu"]
     if torch.cuda.is_available():
@@ -85,11 +93,8 @@ def predict(
     roi = tuple(int(v) for v in reversed(inf.get("roi_size", card.patch_size)))  # card is (x,y,z)
     raw_overlap = inf.get("overlap", 0.5)  # one fraction, or (x, y, z) per axis (dense steps, paper 001)
     overlap = tuple(float(v) for v in reversed(raw_overlap)) if isinstance(raw_overlap, list) else float(raw_overlap)
-    tta = inf.get("mirror_tta", False) if mirror_tta is None else mirror_tta
-    flips: list[tuple[int, ...]] = [()]
-    if tta:  # every combination of the mirrorings the network was trained with (card: inference.tta_axes)
-        axes = sorted(TTA_AXES[a] for a in inf.get("tta_axes", DEFAULT_TTA_AXES))
-        flips = [f for n in range(len(axes) + 1) for f in itertools.combinations(axes, n)]
+    axes = [TTA_AXES[a] for a in mirror_axes(card, mirror_tta)]
+    flips = [f for n in range(len(axes) + 1) for f in itertools.combinations(axes, n)]  # [()] without TTA
     per_pass = _count_windows(array.shape[1:], roi, overlap)
     total = per_pass * len(flips) * len(networks)
     done = 0

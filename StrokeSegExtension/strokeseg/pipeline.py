@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__
 from .errors import InputError
 from .image import Image
-from .inference import predict, resolve_device
+from .inference import mirror_axes, predict, resolve_device
 from .io import check_overwrite, staged_outputs, write_image, write_text
 from .modality import find_case_inputs, load_inputs, require_inputs
 from .models import ModelCard, choose_model, get_card, load_model
@@ -153,7 +153,8 @@ def segment_images(
 
     report = lesion_report(
         mask, probability, reference=prepared.reference,
-        model={"id": card.id, "version": card.version, "inputs": list(prepared.channels), "device": str(dev)},
+        model={"id": card.id, "version": card.version, "inputs": list(prepared.channels), "device": str(dev),
+               "mirror_tta_axes": mirror_axes(card, mirror_tta)},
         settings={"threshold": settings.threshold, "closing_mm": settings.closing_mm,
                   "min_lesion_ml": settings.min_lesion_ml, "fill_holes": settings.fill_holes},
         timings={k: round(v, 4) for k, v in timings.items()},

@@ -78,7 +78,7 @@ def test_segment_case_writes_contract_outputs_on_reference_grid(case_dir, tmp_pa
     p = sitk.GetArrayFromImage(prob)
     assert 0.0 <= p.min() and p.max() <= 1.0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert report["model"]["id"] == "dwi-tiny"
+    assert report["model"]["id"] == "dwi-tiny" and report["model"]["mirror_tta_axes"] == []
     assert report["settings"]["closing_mm"] == 2.0
     vox_ml = np.prod(prob.GetSpacing()) / 1000
     assert report["total_volume_ml"] == pytest.approx(sitk.GetArrayFromImage(lesion).sum() * vox_ml, rel=1e-6)
@@ -88,8 +88,9 @@ def test_segment_case_writes_contract_outputs_on_reference_grid(case_dir, tmp_pa
 
 def test_adc_is_computed_from_b0_when_missing(phantom, tmp_path, models_dir):
     images = {"dwi": phantom.images["dwi"], "b0": phantom.images["b0"]}
-    res = segment_images(images, device="cpu", models_dir=models_dir)
+    res = segment_images(images, device="cpu", models_dir=models_dir, mirror_tta=True)
     assert res.report["model"]["inputs"] == ["dwi", "adc"]
+    assert res.report["model"]["mirror_tta_axes"] == ["x"]  # what the report says was averaged
     # The derived ADC follows the phantom's scanner-like ADC closely inside the brain.
     from strokeseg.preprocess import compute_adc
 
