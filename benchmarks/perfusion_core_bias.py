@@ -37,7 +37,6 @@ from tqdm import tqdm
 import strokeseg
 from strokeseg.errors import InputError
 from strokeseg.perfusion import run_perfusion
-from strokeseg.perfusion.decision import hemispheres
 from strokeseg.phantom.perfusion import simulate_perfusion
 
 HERE = Path(__file__).resolve().parent
@@ -50,15 +49,9 @@ ACQUISITIONS = {"as_generated": {}, "ideal": IDEAL["ctp"]}
 
 
 def true_relative_cbf(case) -> np.ndarray:
-    """True CBF over the mean of the healthy hemisphere's tissue with true Tmax <= 6 s (the phantom's core reference)."""
-    t = case.truth
-    tissue = t["tissue"].array > 0
-    ref = t["tissue"]
-    left = hemispheres(ref.array.shape, ref.index_to_physical, tissue)
-    occluded = (case.info.get("occluded_territory") or {}).get("side")
-    healthy_side = left if occluded == "right" else ~left
-    sel = tissue & healthy_side & (t["tmax"].array <= 6.0)
-    return t["cbf"].array / float(np.mean(t["cbf"].array[sel]))
+    """True CBF over the flow the phantom's core truth is relative to (its healthy hemisphere's
+    non-hypoperfused tissue)."""
+    return case.truth["cbf"].array / float(case.info["core_reference_cbf"])
 
 
 def populations(case, res) -> dict[str, np.ndarray]:

@@ -887,6 +887,17 @@ def test_enhanced_ct_rcbf_map_geometry_and_units():
 # -- phantoms --------------------------------------------------------------------------------------
 
 
+def test_ct_phantom_states_the_flow_its_core_is_relative_to(small_ct):
+    """info["core_reference_cbf"]: the mean true CBF of tissue that is not hypoperfused (healthy
+    hemisphere), and every true core voxel is below 30% of it."""
+    t = small_ct.truth
+    ref = small_ct.info["core_reference_cbf"]
+    core, cbf = t["core"].array > 0, t["cbf"].array
+    normal = (t["tissue"].array > 0) & (t["tmax"].array <= 6.0)
+    assert core.any() and np.all(cbf[core] < 0.3 * ref)
+    assert 0.95 < ref / float(np.mean(cbf[normal])) < 1.05  # per voxel (CSF-diluted), not per 100 g of tissue
+
+
 def test_phantom_noise_draw_changes_only_the_noise(lesion_library):
     """noise_draw=k: another realisation of the same acquisition's noise; the anatomy, lesion,
     kinetics and motion, and draw 0 (the default), are the case's own."""

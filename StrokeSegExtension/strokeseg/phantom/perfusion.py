@@ -760,6 +760,8 @@ def simulate_perfusion(seed: int, modality: str, lesion_library: str | Path | No
         "subject": pose.info,
         "times_s": [round(float(t), 4) for t in times],
     }
+    if ct:  # the flow the core truth is relative to (true CBF < 30% of it)
+        info["core_reference_cbf"] = ref_cbf
     if dwi_info is not None:
         info["dwi"] = dwi_info
     case = PerfusionCase(info["case_id"], images, truth["core"], info, truth)
