@@ -346,16 +346,22 @@ def dicom_case(case_dir, tmp_path_factory):
     return files, read_image(case_dir / "lesion.nii.gz").array
 
 
-def test_dicom_seg_references_the_source_instances(tmp_path, dicom_case):
-    import highdicom as hd
-    import pydicom
-
+def _result_on_dicom(tmp_path, dicom_case):
+    """(logic, DWI node, source files) with a result on the DICOM-loaded DWI, in a scene of its own."""
     files, truth = dicom_case
     ctx = create_context(tmp_path / "cache")
     dwi = ctx.load_dicom_series(files, name="Series 1")
     logic = StrokeSegLogic(ctx.scene)
     logic.params.inputDwi = dwi
     logic.apply_result(synthetic_result(image_from_volume(dwi), truth))
+    return logic, dwi, files
+
+
+def test_dicom_seg_references_the_source_instances(tmp_path, dicom_case):
+    import highdicom as hd
+    import pydicom
+
+    logic, dwi, files = _result_on_dicom(tmp_path, dicom_case)
     params = logic.params
     mask = read_mask(params.segmentation, params.lesionSegmentId, dwi)
     written = logic.export(tmp_path / "out")
@@ -382,12 +388,7 @@ def test_dicom_seg_references_the_source_instances(tmp_path, dicom_case):
 
 
 def test_dicom_seg_refused_when_the_reference_no_longer_matches_its_series(tmp_path, dicom_case):
-    files, truth = dicom_case
-    ctx = create_context(tmp_path / "cache")
-    dwi = ctx.load_dicom_series(files, name="Series 1")
-    logic = StrokeSegLogic(ctx.scene)
-    logic.params.inputDwi = dwi
-    logic.apply_result(synthetic_result(image_from_volume(dwi), truth))
+    logic, dwi, _ = _result_on_dicom(tmp_path, dicom_case)
     matrix = ijk_to_ras(dwi)
     matrix[:3, 3] += 7.0  # the user moved the volume
     dwi.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(matrix))
