@@ -65,7 +65,7 @@ def core_on_true_maps(case) -> float:
     tissue = t["tissue"].array > 0
     geom = t["cbf"]
     left = hemispheres(tissue.shape, geom.index_to_physical, tissue)
-    core, _, _, report = decide(t["cbf"].array, t["tmax"].array, tissue, left, geom.voxel_volume_ml, kind="ct")
+    *_, report = decide(t["cbf"].array, t["tmax"].array, tissue, left, geom.voxel_volume_ml, kind="ct")
     return float(report["core_ml"])
 
 
