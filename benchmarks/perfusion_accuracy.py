@@ -182,13 +182,14 @@ def main(argv=None) -> int:
     ap.add_argument("--h-anatomy", type=float, default=None, help="bilateral anatomy range width (default: the engine's; 0: off)")
     ap.add_argument("--h-perfusion", type=float, default=None, help="bilateral perfusion range width (default: the engine's; 0: off)")
     ap.add_argument("--temporal-components", type=int, default=None, help="temporal principal components kept (default: the engine's; 0: off)")
+    ap.add_argument("--core-flow", default=None, choices=["kinetic", "svd"], help="flow of the CT core rule (default: the engine's)")
     ap.add_argument("--residue", default="exponential", choices=list(RESIDUES),
                     help="tissue residue family of the phantoms (default: the generator's; others check the analysis "
                          "does not rely on it)")
     ap.add_argument("--out", default=str(HERE / "results" / "perfusion_accuracy.json"))
     args = ap.parse_args(argv)
     settings = PerfusionSettings(oi=args.oi, smooth_mm=args.smooth_mm, denoise=args.denoise, min_cutoff=args.min_cutoff,
-                                 h_anatomy=args.h_anatomy, temporal_components=args.temporal_components)
+                                 h_anatomy=args.h_anatomy, temporal_components=args.temporal_components, core_flow=args.core_flow)
     if args.h_perfusion is not None:
         settings.h_perfusion = args.h_perfusion
     seed0 = args.seed if args.seed is not None else FIRST_SEED[args.split]
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
                      "lesion_library": args.lesion_library, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
                      "date": time.strftime("%Y-%m-%d %H:%M"), "settings": {"oi": args.oi, "min_cutoff": args.min_cutoff, "smooth_mm": args.smooth_mm, "denoise": args.denoise,
                                                                "h_anatomy": settings.h_anatomy, "h_perfusion": settings.h_perfusion,
-                                                               "temporal_components": settings.temporal_components},
+                                                               "temporal_components": settings.temporal_components, "core_flow": args.core_flow},
                      "residue": args.residue,
                      "modalities": {}}
     for modality in args.modality:

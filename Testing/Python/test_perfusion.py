@@ -27,6 +27,7 @@ from strokeseg.perfusion.concentration import bolus_timing, concentration_frame
 from strokeseg.perfusion.decision import decide, formatted_volumes, hemispheres
 from strokeseg.perfusion.deconvolution import KH, RHO, deconvolve, reference_gain
 from strokeseg.perfusion.denoise import guided_bilateral, masked_gaussian, neighbour_noise, temporal_pca
+from strokeseg.perfusion.kinetic_fit import best_curves, model_curves, model_flow
 from strokeseg.perfusion.masks import ct_masks
 from strokeseg.perfusion.motion import CT_REGISTRATION_HU, correct_motion, inplane_rigid
 from strokeseg.perfusion.series import validate_series
@@ -124,6 +125,49 @@ def test_relative_flow_does_not_depend_on_the_residue_family(dt, n):
         assert abs(rel["core"] - 0.10) < 0.05, (family, rel)
         assert abs(rel["penumbra"] - 0.40) < 0.10, (family, rel)
     assert reference_gain(np.zeros(n, np.float32), aif, dt, 0.3) == 1.0  # no signal: no correction
+
+
+def test_kinetic_dictionary_finds_the_shape_of_a_clean_curve():
+    """A curve made with the dictionary's own delay, dispersion and MTT is matched by exactly that
+    model curve; dispersion never exceeds the MTT (the model is symmetric in the two)."""
+    aif, conc = _synthetic_curves(1.5, 36, [(40.0, 8.0, 4.0, 2.0), (10.0, 24.0, 10.0, 3.0)])
+    model = model_curves(aif, 1.5)
+    assert np.all(model.params[:, 1] <= model.params[:, 2]) and model.curves.shape[1] == 36
+    mtt8, mtt24 = (model.params[np.argmin(np.abs(model.params[:, 2] - m)), 2] for m in (8.0, 24.0))
+    _, conc = _synthetic_curves(1.5, 36, [(40.0, mtt8, 4.0, 2.0), (10.0, mtt24, 10.0, 3.0)])
+    best = model.params[best_curves(conc, model)]
+    assert np.allclose(best, [[4.0, 2.0, mtt8], [10.0, 3.0, mtt24]], atol=0.26)  # one delay step
+
+
+@pytest.mark.parametrize("dt,n", [(1.0, 50), (2.0, 26)])
+def test_kinetic_flow_reads_a_truncated_core_and_dispersed_penumbra_right(dt, n):
+    """The CT core rule's flow: a late, slow core curve still high when the series ends reads its
+    10% of healthy flow and a dispersed penumbra its 45%; oSVD at CT's 30% floor, even with its
+    reference gain, reads that penumbra below 40% (it measures the dispersed residue's peak)."""
+    rng = np.random.default_rng(2)
+    cases = {"healthy": (50.0, 4.0, 1.0, 0.5), "core": (5.0, 30.0, 10.0, 3.0), "penumbra": (22.5, 8.0, 5.0, 3.5)}
+    aif, clean = _synthetic_curves(dt, n, list(cases.values()))
+    conc = np.repeat(clean, 400, axis=1) + rng.normal(0, 0.1, (n, 1200)).astype(np.float32)
+    tmax = np.repeat([2.0, 16.0, 9.0], 400)
+    rcbf = np.repeat([1.0, 0.15, 0.35], 400)
+    flow, classes = model_flow(conc, aif, dt, tmax, rcbf)
+    assert classes == 3
+    rel = {name: float(np.median(flow[400 * i: 400 * (i + 1)])) / float(np.median(flow[:400])) for i, name in enumerate(cases)}
+    assert abs(rel["core"] - 0.10) < 0.02 and abs(rel["penumbra"] - 0.45) < 0.03, rel
+    svd = deconvolve(conc, aif, dt, min_cutoff=0.3).cbf
+    gain = reference_gain(conc[:, :400].mean(axis=1), aif, dt, 0.3)
+    assert float(np.median(svd[800:])) / (float(np.median(svd[:400])) * gain) < 0.40
+
+
+def test_kinetic_flow_gives_small_classes_their_tmax_class_shape():
+    """Classes of fewer than MIN_CLASS_VOXELS voxels borrow the shape fitted to all voxels of
+    their Tmax band, so a few voxels are still measured; no signal reads no flow."""
+    aif, clean = _synthetic_curves(1.5, 36, [(50.0, 4.0, 1.0, 0.5)])
+    conc = np.concatenate([np.repeat(clean, 60, axis=1), 0.5 * np.repeat(clean, 5, axis=1), np.zeros((36, 3), np.float32)], axis=1)
+    rcbf = np.r_[np.full(60, 1.0), np.full(5, 0.45), np.zeros(3)]
+    flow, classes = model_flow(conc, aif, 1.5, np.full(68, 2.0), rcbf)
+    assert classes == 1
+    assert flow[60:65] == pytest.approx(0.5 * flow[0], rel=1e-3) and np.all(flow[65:] == 0)
 
 
 @pytest.mark.parametrize("family", RESIDUES)
@@ -272,6 +316,23 @@ def test_denoise_setting_is_checked_and_reported(small_ct, small_ct_result):
     assert small_ct_result.report["settings"]["min_cutoff"] == 0.3  # the CT default (MR: plain oSVD)
     with pytest.raises(InputError, match="min_cutoff"):
         run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(min_cutoff=1.2, motion_correction=False))
+
+
+
+def test_core_flow_setting_is_checked_and_reported(small_ct, small_ct_result):
+    """CT's core rule reads the tracer-kinetic flow by default (the report says so, with the
+    number of curve classes fitted and no reference gain); "svd" reads the CBF map with its gain;
+    the maps are the same either way."""
+    rep = small_ct_result.report
+    assert rep["settings"]["core_flow"] == "kinetic" and rep["core_flow"]["method"] == "kinetic"
+    assert rep["core_flow"]["classes"] >= 2 and rep["reference_regularisation_gain"] == 1.0
+    with pytest.raises(InputError, match="core_flow must be one of kinetic, svd"):
+        run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(core_flow="fit", motion_correction=False))
+    svd = run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(core_flow="svd"))
+    assert svd.report["core_flow"] == {"method": "svd"} and svd.report["reference_regularisation_gain"] > 1.0
+    assert np.array_equal(svd.maps["cbf"].array, small_ct_result.maps["cbf"].array)
+    true_ml = small_ct.info["core_ml"]
+    assert true_ml > 5.0 and abs(rep["core_ml"] - true_ml) <= max(5.0, 0.15 * true_ml), (rep["core_ml"], true_ml)
 
 
 # -- concentration and timing ----------------------------------------------------------------------

@@ -71,6 +71,9 @@ def add_perfusion_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                         f"{','.join(f'{v:g}' for v in d.core_rcbf_also)}; 'none' for none)")
     p.add_argument("--core-median", type=int, default=d.core_median_voxels,
                    help=f"CT core: in-plane median of rCBF over this many voxels (odd) before its threshold; 1: off (default {d.core_median_voxels})")
+    p.add_argument("--core-flow", choices=["kinetic", "svd"], default=None,
+                   help="CT core: the flow rCBF is read from, tracer-kinetic fits per class of curves or the oSVD CBF map "
+                        "(default: kinetic for CT, svd for MR without ADC)")
     p.add_argument("--adc-core", type=float, default=d.adc_core, help=f"MR core: ADC below this, 10^-6 mm^2/s (default {d.adc_core:g})")
     p.add_argument("--tmax", type=float, default=d.tmax_hypo_s, help=f"hypoperfusion: Tmax above this, s (default {d.tmax_hypo_s:g})")
     p.add_argument("--tmax-severe", type=float, default=d.tmax_severe_s, help=f"HIR numerator: Tmax above this, s (default {d.tmax_severe_s:g})")
@@ -96,7 +99,7 @@ def cmd_perfusion(args: argparse.Namespace) -> int:
         raise InputError(args.aif_mask, "arterial input mask is 4D; a 3D mask is expected")
     thresholds = Thresholds(core_rcbf=args.core_rcbf, core_rcbf_also=args.core_rcbf_also, core_median_voxels=args.core_median, adc_core=args.adc_core, tmax_hypo_s=args.tmax,
                             tmax_severe_s=args.tmax_severe, min_core_ml=args.min_core_ml, min_hypo_ml=args.min_hypo_ml)
-    settings = PerfusionSettings(motion_correction=not args.no_motion_correction)
+    settings = PerfusionSettings(motion_correction=not args.no_motion_correction, core_flow=args.core_flow)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
