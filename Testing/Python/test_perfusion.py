@@ -740,6 +740,19 @@ def test_cli_core_median_option_reaches_the_engine(small_ct, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_core_flow_option_reaches_the_engine(small_ct, tmp_path, capsys):
+    parser = _perfusion_parser()
+    series = tmp_path / "ctp.nii.gz"
+    write_image(small_ct.images["ctp"], series)
+    args = parser.parse_args(["perfusion", str(series), "--out", str(tmp_path / "out"), "-q", "--core-flow", "svd"])
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["core_flow"] == {"method": "svd"} and report["settings"]["core_flow"] == "svd"
+    assert "tracer-kinetic" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["perfusion", str(series), "--out", str(tmp_path / "x"), "--core-flow", "fit"])
+
+
 def test_cli_core_rcbf_also_option(small_ct, tmp_path, capsys):
     parser = _perfusion_parser()
     series = tmp_path / "ctp.nii.gz"

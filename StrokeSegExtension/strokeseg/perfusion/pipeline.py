@@ -3,7 +3,8 @@
 Steps: validate times -> rigid motion correction -> bolus timing from the head-average curve
 -> masks from the baseline average -> concentration (CT dHU, MR dR2*) -> AIF/VOF -> in-plane
 denoising of the tissue curves (guided bilateral or masked Gaussian, ``denoise``) -> uniform time
-grid -> oSVD deconvolution (CT: with a floor on the cut-off) -> maps -> decision volumes. ``run_perfusion`` is the Python API (the Slicer module calls it from a worker
+grid -> oSVD deconvolution (CT: with a floor on the cut-off) -> maps -> decision volumes (CT's
+core rule reads its flow from tracer-kinetic fits, ``kinetic_fit``). ``run_perfusion`` is the Python API (the Slicer module calls it from a worker
 thread, with progress and cancel); ``write_perfusion`` writes the DESIGN.md outputs, all or none.
 """
 
@@ -314,6 +315,8 @@ def run_perfusion(
                                             kind=kind, adc=adc_grid, thresholds=th, gain=gain)
     if flow_info is not None:
         decision["core_flow"] = flow_info
+        if flow_info["method"] == "kinetic":
+            decision["core_method"] += "; flow from tracer-kinetic fits, not the CBF map"
     timings["decision_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 
