@@ -18,9 +18,6 @@ healthy-hemisphere mean times the regularisation gain, the report's figures). A 
 unbiased reading. The rule calls a voxel core below 0.30, so a core voxel read at 1.3x and a
 penumbral voxel read at 0.65x both land near the threshold from opposite sides.
 
-This reads the oSVD CBF map, so the pipeline runs with ``core_flow="svd"`` (the CT default reads
-the core's flow from tracer-kinetic fits instead; ``perfusion/kinetic_fit.py``).
-
     python benchmarks/perfusion_core_bias.py [--split test|val] [--count 24]
 
 Prints a line per case, writes ``benchmarks/results/perfusion_core_bias_<split>.json`` and a figure beside it.
@@ -39,7 +36,7 @@ from tqdm import tqdm
 
 import strokeseg
 from strokeseg.errors import InputError
-from strokeseg.perfusion import PerfusionSettings, run_perfusion
+from strokeseg.perfusion import run_perfusion
 from strokeseg.phantom.perfusion import simulate_perfusion
 
 HERE = Path(__file__).resolve().parent
@@ -69,7 +66,7 @@ def populations(case, res) -> dict[str, np.ndarray]:
 def analyse(seed: int, split: str, library: str | None, overrides: dict) -> dict:
     case = simulate_perfusion(seed, "ctp", library, split, compute_maps=False, **overrides)
     try:
-        res = run_perfusion(case.images["ctp"], settings=PerfusionSettings(core_flow="svd"))
+        res = run_perfusion(case.images["ctp"])
     except InputError as exc:
         return {"case": case.case_id, "refused": str(exc)}
     rep = res.report

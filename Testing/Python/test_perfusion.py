@@ -320,19 +320,20 @@ def test_denoise_setting_is_checked_and_reported(small_ct, small_ct_result):
 
 
 def test_core_flow_setting_is_checked_and_reported(small_ct, small_ct_result):
-    """CT's core rule reads the tracer-kinetic flow by default (the report says so, with the
-    number of curve classes fitted and no reference gain); "svd" reads the CBF map with its gain;
-    the maps are the same either way."""
+    """The rCBF core rule reads the oSVD CBF map by default (with its reference gain);
+    core_flow="kinetic" reads tracer-kinetic flow instead (the report says so, with the number of
+    curve classes fitted, and no gain) and leaves the maps as they were."""
     rep = small_ct_result.report
-    assert rep["settings"]["core_flow"] == "kinetic" and rep["core_flow"]["method"] == "kinetic"
-    assert rep["core_flow"]["classes"] >= 2 and rep["reference_regularisation_gain"] == 1.0
+    assert rep["settings"]["core_flow"] == "svd" and rep["core_flow"] == {"method": "svd"}
+    assert rep["reference_regularisation_gain"] > 1.0
     with pytest.raises(InputError, match="core_flow must be one of kinetic, svd"):
         run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(core_flow="fit", motion_correction=False))
-    svd = run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(core_flow="svd"))
-    assert svd.report["core_flow"] == {"method": "svd"} and svd.report["reference_regularisation_gain"] > 1.0
-    assert np.array_equal(svd.maps["cbf"].array, small_ct_result.maps["cbf"].array)
+    kin = run_perfusion(small_ct.images["ctp"], settings=PerfusionSettings(core_flow="kinetic"))
+    assert kin.report["core_flow"]["method"] == "kinetic" and kin.report["core_flow"]["classes"] >= 2
+    assert kin.report["reference_regularisation_gain"] == 1.0 and "tracer-kinetic" in kin.report["core_method"]
+    assert np.array_equal(kin.maps["cbf"].array, small_ct_result.maps["cbf"].array)
     true_ml = small_ct.info["core_ml"]
-    assert true_ml > 5.0 and abs(rep["core_ml"] - true_ml) <= max(5.0, 0.15 * true_ml), (rep["core_ml"], true_ml)
+    assert true_ml > 5.0 and abs(kin.report["core_ml"] - true_ml) <= max(5.0, 0.15 * true_ml), (kin.report["core_ml"], true_ml)
 
 
 # -- concentration and timing ----------------------------------------------------------------------
@@ -744,11 +745,11 @@ def test_cli_core_flow_option_reaches_the_engine(small_ct, tmp_path, capsys):
     parser = _perfusion_parser()
     series = tmp_path / "ctp.nii.gz"
     write_image(small_ct.images["ctp"], series)
-    args = parser.parse_args(["perfusion", str(series), "--out", str(tmp_path / "out"), "-q", "--core-flow", "svd"])
+    args = parser.parse_args(["perfusion", str(series), "--out", str(tmp_path / "out"), "-q", "--core-flow", "kinetic"])
     assert args.func(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["core_flow"] == {"method": "svd"} and report["settings"]["core_flow"] == "svd"
-    assert "tracer-kinetic" not in capsys.readouterr().out
+    assert report["core_flow"]["method"] == "kinetic" and report["settings"]["core_flow"] == "kinetic"
+    assert "flow from tracer-kinetic fits" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args(["perfusion", str(series), "--out", str(tmp_path / "x"), "--core-flow", "fit"])
 

@@ -72,8 +72,8 @@ def add_perfusion_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--core-median", type=int, default=d.core_median_voxels,
                    help=f"CT core: in-plane median of rCBF over this many voxels (odd) before its threshold; 1: off (default {d.core_median_voxels})")
     p.add_argument("--core-flow", choices=["kinetic", "svd"], default=None,
-                   help="CT core: the flow rCBF is read from, tracer-kinetic fits per class of curves or the oSVD CBF map "
-                        "(default: kinetic for CT, svd for MR without ADC)")
+                   help="rCBF core: the flow it reads, the oSVD CBF map (default) or tracer-kinetic fits per class of "
+                        "curves (experimental: better on exponential-residue phantoms, worse on gamma-residue ones)")
     p.add_argument("--adc-core", type=float, default=d.adc_core, help=f"MR core: ADC below this, 10^-6 mm^2/s (default {d.adc_core:g})")
     p.add_argument("--tmax", type=float, default=d.tmax_hypo_s, help=f"hypoperfusion: Tmax above this, s (default {d.tmax_hypo_s:g})")
     p.add_argument("--tmax-severe", type=float, default=d.tmax_severe_s, help=f"HIR numerator: Tmax above this, s (default {d.tmax_severe_s:g})")

@@ -11,8 +11,8 @@ them (Albers et al., NEJM 2018, DEFUSE 3; Nogueira et al., NEJM 2018, DAWN):
 The CT reference is corrected for the peak loss SVD regularisation inflicts on healthy tissue
 (``gain``, measured on the healthy tissue's mean curve: ``deconvolution.reference_gain``):
 uncorrected, healthy flow reads 20-45% low relative to the core's and rCBF < 30% misses a third of
-the core on phantoms. (That is the rule on the oSVD CBF map, ``core_flow="svd"``; by default the
-pipeline hands CT's rule the flow of tracer-kinetic fits instead, ``kinetic_fit``, and no gain.)
+the core on phantoms. (With ``core_flow="kinetic"`` the pipeline hands the rule the flow of
+tracer-kinetic fits instead, ``kinetic_fit``, and no gain.)
 CT core components must themselves be hypoperfused (median Tmax above the hypoperfusion threshold),
 which removes low-flow tissue that is not ischaemic (CSF partial volume, white matter noise);
 the rCBF they are drawn from is median-filtered in-plane (3 x 3) first, against single-voxel noise.
