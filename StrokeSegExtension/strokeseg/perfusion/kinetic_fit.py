@@ -98,7 +98,7 @@ def model_flow(conc: np.ndarray, aif: np.ndarray, dt: float, tmax: np.ndarray, r
     tclass, cls = _classes(np.asarray(tmax), np.asarray(rcbf))
     labels, counts = np.unique(cls, return_counts=True)
     big = labels[counts >= MIN_CLASS_VOXELS]
-    tlabels = np.unique(tclass)
+    tlabels = np.unique(tclass[~np.isin(cls, big)])  # Tmax bands that lend their shape to a small class
     means = [conc[:, cls == c].mean(axis=1) for c in big] + [conc[:, tclass == t].mean(axis=1) for t in tlabels]
     best = best_curves(np.stack(means, axis=1), model) if means else np.zeros(0, int)
     shape_of = {("class", int(c)): int(j) for c, j in zip(big, best[: big.size])}
