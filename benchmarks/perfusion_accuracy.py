@@ -45,7 +45,7 @@ from scipy.stats import spearmanr
 import strokeseg
 from strokeseg.errors import InputError
 from strokeseg.perfusion import PerfusionSettings, run_perfusion
-from strokeseg.perfusion.decision import decide, hemispheres
+from strokeseg.perfusion.decision import CORE_FLOWS, decide, hemispheres
 from strokeseg.phantom.perfusion import RESIDUES, simulate_perfusion
 
 HERE = Path(__file__).resolve().parent
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--h-anatomy", type=float, default=None, help="bilateral anatomy range width (default: the engine's; 0: off)")
     ap.add_argument("--h-perfusion", type=float, default=None, help="bilateral perfusion range width (default: the engine's; 0: off)")
     ap.add_argument("--temporal-components", type=int, default=None, help="temporal principal components kept (default: the engine's; 0: off)")
-    ap.add_argument("--core-flow", default=None, choices=["kinetic", "svd"], help="flow of the CT core rule (default: the engine's)")
+    ap.add_argument("--core-flow", default=None, choices=CORE_FLOWS, help="flow of the CT core rule (default: the engine's)")
     ap.add_argument("--residue", default="exponential", choices=list(RESIDUES),
                     help="tissue residue family of the phantoms (default: the generator's; others check the analysis "
                          "does not rely on it)")

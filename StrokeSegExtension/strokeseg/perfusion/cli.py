@@ -49,7 +49,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 def add_perfusion_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``perfusion`` subcommand to ``strokeseg``'s sub-parsers."""
-    from .decision import Thresholds
+    from .decision import CORE_FLOWS, Thresholds
 
     d = Thresholds()
     p = subparsers.add_parser(
@@ -71,7 +71,7 @@ def add_perfusion_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                         f"{','.join(f'{v:g}' for v in d.core_rcbf_also)}; 'none' for none)")
     p.add_argument("--core-median", type=int, default=d.core_median_voxels,
                    help=f"CT core: in-plane median of rCBF over this many voxels (odd) before its threshold; 1: off (default {d.core_median_voxels})")
-    p.add_argument("--core-flow", choices=["kinetic", "svd"], default=None,
+    p.add_argument("--core-flow", choices=CORE_FLOWS, default=None,
                    help="rCBF core: the flow it reads, the oSVD CBF map (default) or tracer-kinetic fits per class of "
                         "curves (experimental: better on exponential-residue phantoms, worse on gamma-residue ones)")
     p.add_argument("--adc-core", type=float, default=d.adc_core, help=f"MR core: ADC below this, 10^-6 mm^2/s (default {d.adc_core:g})")

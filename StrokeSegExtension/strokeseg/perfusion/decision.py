@@ -32,6 +32,9 @@ from typing import Any
 import cc3d
 import numpy as np
 
+# The flows the rCBF core rule can read (the pipeline's ``core_flow``): the oSVD CBF map, or
+# tracer-kinetic fits per class of curves (kinetic_fit.py).
+CORE_FLOWS = ("kinetic", "svd")
 RESEARCH_NOTE = ("Research use only: not a medical device and not for clinical decisions. "
                  "DEFUSE 3-style imaging criteria computed from the maps above.")
 

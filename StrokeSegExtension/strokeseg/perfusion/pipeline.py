@@ -27,7 +27,7 @@ from ..io import staged_outputs, write_image, write_text
 from ..modality import adc_in_standard_units
 from .aif import CT_VESSEL_HU, select_input_functions
 from .concentration import DEFAULT_TE_S, bolus_timing, concentration_frame, detect_kind
-from .decision import Thresholds, decide, healthy_reference, hemispheres
+from .decision import CORE_FLOWS, Thresholds, decide, healthy_reference, hemispheres
 from .deconvolution import deconvolve, reference_gain, time_to_peak
 from .denoise import guided_bilateral, temporal_pca
 from .kinetic_fit import model_flow
@@ -65,7 +65,6 @@ H_ANATOMY = {"ct": 1.0, "mr": 1.5}
 # with gamma residues it falls to 0.50 where svd keeps 0.79 (val): it relies on the residue family
 # the generator uses (benchmarks/results/perfusion_kinetic/).
 CORE_FLOW = {"ct": "svd", "mr": "svd"}
-CORE_FLOWS = ("kinetic", "svd")
 # Per modality, raised whenever a default above changes that modality's computed maps: the maps
 # are the perfusion models' inputs, and the training caches of perfusion phantoms key on this
 # (both are at "2" because session 17's CT change raised a single shared number).
