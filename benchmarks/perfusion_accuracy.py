@@ -45,7 +45,7 @@ from scipy.stats import spearmanr
 import strokeseg
 from strokeseg.errors import InputError
 from strokeseg.perfusion import PerfusionSettings, run_perfusion
-from strokeseg.perfusion.decision import CORE_FLOWS, decide, hemispheres
+from strokeseg.perfusion.decision import CORE_FLOWS
 from strokeseg.phantom.perfusion import RESIDUES, simulate_perfusion
 
 HERE = Path(__file__).resolve().parent
@@ -56,17 +56,6 @@ TARGETS = {"tmax_mae_s": 1.0, "spearman_rcbf": 0.9, "volume_rel": 0.15, "volume_
 
 def within(pred: float, true: float) -> bool:
     return abs(pred - true) <= max(TARGETS["volume_abs_ml"], TARGETS["volume_rel"] * true)
-
-
-def core_on_true_maps(case) -> float:
-    """Core volume (mL) of the engine's CT rule, default thresholds, applied to the phantom's true
-    CBF and Tmax maps in its true parenchyma: the volume an unbiased deconvolution would give."""
-    t = case.truth
-    tissue = t["tissue"].array > 0
-    geom = t["cbf"]
-    left = hemispheres(tissue.shape, geom.index_to_physical, tissue)
-    *_, report = decide(t["cbf"].array, t["tmax"].array, tissue, left, geom.voxel_volume_ml, kind="ct")
-    return float(report["core_ml"])
 
 
 def evaluate(case, result) -> dict:
@@ -91,7 +80,7 @@ def evaluate(case, result) -> dict:
     core_p = result.report["core_ml"]
     hypo_p = result.report["hypoperfusion_ml"]
     if case.info["modality"] == "ctp":
-        on_true = core_on_true_maps(case)
+        on_true = float(case.ct_rule_on_true_maps()[1]["core_ml"])
         core_true_maps = {"core_ml_true_maps": round(on_true, 2), "core_within_true_maps": within(on_true, core_t)}
     else:  # the MR core is the ADC's, not a map rule's
         core_true_maps = {}

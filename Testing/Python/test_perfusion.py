@@ -978,9 +978,7 @@ def test_ct_rule_on_the_phantoms_true_maps_finds_its_core(small_ct):
     hemisphere, its filters) agree on the true maps: the core's volume error on phantoms is the
     computed maps', not a mismatch between the truth and the rule."""
     t = small_ct.truth
-    tissue = t["tissue"].array > 0
-    left = hemispheres(tissue.shape, t["cbf"].index_to_physical, tissue)
-    core, _, _, report = decide(t["cbf"].array, t["tmax"].array, tissue, left, t["cbf"].voxel_volume_ml, kind="ct")
+    core, report = small_ct.ct_rule_on_true_maps()
     true_ml = float(np.count_nonzero(t["core"].array)) * t["cbf"].voxel_volume_ml
     assert true_ml > 1.0
     assert abs(report["core_ml"] - true_ml) <= max(5.0, 0.15 * true_ml)

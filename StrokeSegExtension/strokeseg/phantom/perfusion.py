@@ -45,7 +45,7 @@ from scipy import ndimage
 
 from ..image import Image
 from ..io import write_image, write_text
-from ..perfusion.decision import hemispheres
+from ..perfusion.decision import decide, hemispheres
 from . import acquisition as acqm
 from .anatomy import head_model, mni_to_lps, upsample_linear
 from .cases import PhantomCase
@@ -97,6 +97,15 @@ class PerfusionCase(PhantomCase):
     venous blood fraction of each voxel."""
 
     truth: dict[str, Image] = field(default_factory=dict)
+
+    def ct_rule_on_true_maps(self) -> tuple[np.ndarray, dict]:
+        """The engine's CT core rule (default thresholds) applied to the true CBF and Tmax maps in
+        the true parenchyma: the core mask and decision report an unbiased deconvolution would give."""
+        t = self.truth
+        tissue = t["tissue"].array > 0
+        left = hemispheres(tissue.shape, t["cbf"].index_to_physical, tissue)
+        core, _, _, report = decide(t["cbf"].array, t["tmax"].array, tissue, left, t["cbf"].voxel_volume_ml, kind="ct")
+        return core, report
 
 
 def _streams(seed: int, split: str | None, modality: str) -> dict[str, np.random.Generator]:
