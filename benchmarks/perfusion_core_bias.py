@@ -18,6 +18,11 @@ healthy-hemisphere mean times the regularisation gain, the report's figures). A 
 unbiased reading. The rule calls a voxel core below 0.30, so a core voxel read at 1.3x and a
 penumbral voxel read at 0.65x both land near the threshold from opposite sides.
 
+It also puts each volume error in voxels of edge: a one-voxel in-plane shell of the true core
+(the mean of what one in-plane dilation adds and one erosion removes, within the tissue) is
+``shell_ml``. The issue's tolerance (15% or 5 mL) in shells says how far the whole core's edge may
+move; the error in shells says how far it did move, on average around the core.
+
     python benchmarks/perfusion_core_bias.py [--split test|val] [--count 24]
 
 Prints a line per case, writes ``benchmarks/results/perfusion_core_bias_<split>.json`` and a figure beside it.
@@ -32,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 import strokeseg
@@ -63,6 +69,18 @@ def populations(case, res) -> dict[str, np.ndarray]:
             "ghost": tissue & core & ~true_core, "found": tissue & core & true_core, "missed": tissue & true_core & ~core}
 
 
+IN_PLANE = np.zeros((3, 3, 3), bool)
+IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def one_voxel_shell(mask: np.ndarray, tissue: np.ndarray) -> int:
+    """Voxels in a one-voxel in-plane shell of ``mask``: mean of one dilation's gain and one erosion's loss."""
+    mask = mask & tissue
+    grown = np.count_nonzero(ndimage.binary_dilation(mask, IN_PLANE) & tissue) - np.count_nonzero(mask)
+    shrunk = np.count_nonzero(mask) - np.count_nonzero(ndimage.binary_erosion(mask, IN_PLANE))
+    return (grown + shrunk) // 2
+
+
 def analyse(seed: int, split: str, library: str | None, overrides: dict) -> dict:
     case = simulate_perfusion(seed, "ctp", library, split, compute_maps=False, **overrides)
     try:
@@ -78,6 +96,11 @@ def analyse(seed: int, split: str, library: str | None, overrides: dict) -> dict
            "core_within": within(rep["core_ml"], true_ml), "reference_gain": rep["reference_regularisation_gain"],
            "slice_mm": round(float(case.images["ctp"].spacing[2]), 2),
            "delay_max_s": (case.info.get("kinetics") or {}).get("delay_max_s")}
+    shell_ml = one_voxel_shell(case.truth["core"].array > 0, case.truth["tissue"].array > 0) * voxel_ml
+    if shell_ml > 0:
+        row["shell_ml"] = round(shell_ml, 2)
+        row["tolerance_shells"] = round(max(5.0, 0.15 * true_ml) / shell_ml, 2)
+        row["error_shells"] = round((rep["core_ml"] - true_ml) / shell_ml, 2)
     for name, mask in populations(case, res).items():
         n = int(np.count_nonzero(mask))
         entry = {"ml": round(n * voxel_ml, 2)}
@@ -97,6 +120,10 @@ def summarise(rows: list[dict]) -> dict:
     for name in POPULATIONS:
         vals = [r[name]["read_over_true"] for r in ok if "read_over_true" in r[name]]
         out[f"{name}_read_over_true_median"] = round(float(np.median(vals)), 3) if vals else None
+    edged = [r for r in ok if "tolerance_shells" in r]
+    if edged:
+        out["tolerance_shells_median"] = round(float(np.median([r["tolerance_shells"] for r in edged])), 2)
+        out["abs_error_shells_median"] = round(float(np.median([abs(r["error_shells"]) for r in edged])), 2)
     missed = [r for r in ok if not r["core_within"]]
     out["misses_too_large"] = sum(r["core_ml"] > r["core_true_ml"] for r in missed)
     out["misses_too_small"] = sum(r["core_ml"] < r["core_true_ml"] for r in missed)
@@ -143,7 +170,8 @@ def main(argv=None) -> int:
                 tqdm.write(f"{row['case']} {acq}: refused: {row['refused']}")
                 continue
             cells = " ".join(f"{p} {row[p].get('read_over_true', '-')}" for p in POPULATIONS)
-            tqdm.write(f"{row['case']} {acq}: core {row['core_ml']:.1f} / true {row['core_true_ml']:.1f} mL; read/true rCBF: {cells}")
+            edge = f"; error {row['error_shells']:+.2f} shells (tolerance {row['tolerance_shells']:.2f})" if "error_shells" in row else ""
+            tqdm.write(f"{row['case']} {acq}: core {row['core_ml']:.1f} / true {row['core_true_ml']:.1f} mL{edge}; read/true rCBF: {cells}")
     summary = {acq: summarise(rows) for acq, rows in results.items()}
     for acq, s in summary.items():
         print(acq, json.dumps(s))
