@@ -30,6 +30,7 @@ from strokeseg.perfusion.denoise import guided_bilateral, masked_gaussian, neigh
 from strokeseg.perfusion.kinetic_fit import best_curves, model_curves, model_flow
 from strokeseg.perfusion.masks import ct_masks
 from strokeseg.perfusion.motion import CT_REGISTRATION_HU, correct_motion, inplane_rigid
+from strokeseg.perfusion.pipeline import frame_similarity
 from strokeseg.perfusion.series import validate_series
 from strokeseg.phantom.perfusion import (RESIDUES, KineticTable, arterial_input, gamma_variate, residue_functions,
                                         residue_peak_time, simulate_perfusion, write_perfusion_case)
@@ -676,6 +677,15 @@ def test_no_bolus_and_saturation(small_ct, lesion_library):
         clipped = case.images["ctp"].with_array(np.minimum(case.images["ctp"].array, 150))
         with pytest.raises(InputError, match="saturated"):
             run_perfusion(clipped, settings=PerfusionSettings(motion_correction=False))
+
+
+def test_noise_is_refused_as_not_one_head(small_ct):
+    series = small_ct.images["ctp"]
+    head = ct_masks(series.array[0].astype(np.float32), series.spacing).head
+    assert frame_similarity(series.array.astype(np.float32), head) > 0.95  # a real series, with its motion
+    noise = np.random.default_rng(3).normal(40, 15, series.array.shape).astype(np.float32)
+    with pytest.raises(InputError, match=r"do not show one head \(correlation between consecutive frames 0\.0"):
+        run_perfusion(series.with_array(noise))
 
 
 def test_arterial_input_outside_the_brain(small_ct, small_ct_result):

@@ -104,12 +104,13 @@ def cmd_perfusion(args: argparse.Namespace) -> int:
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=100, desc="perfusion", unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}")
+        # The step goes in {desc}: tqdm prefixes {postfix} with ", ".
+        bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="perfusion: {percentage:3.0f}%|{bar}| {desc}")
 
     def progress(fraction: float, message: str) -> None:
         if bar is not None:
             bar.n = int(round(100 * fraction))
-            bar.set_postfix_str(message, refresh=False)
+            bar.set_description_str(message, refresh=False)
             bar.refresh()
 
     try:

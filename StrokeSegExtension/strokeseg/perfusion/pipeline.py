@@ -99,6 +99,26 @@ class PerfusionResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+# Consecutive frames of one head correlate strongly (phantoms with motion and quantum noise: 0.9x or
+# more, the bone and the head's outline dominate); pure noise would otherwise fail later as
+# "motion beyond correction: frame k moved 13 mm", which points the user the wrong way.
+MIN_FRAME_SIMILARITY = 0.5
+
+
+def frame_similarity(arr: np.ndarray, head: np.ndarray, pairs: int = 8) -> float:
+    """Median Pearson correlation, over the head, of up to ``pairs`` consecutive frame pairs spread
+    over the series."""
+    n = arr.shape[0]
+    if n < 2 or not head.any():
+        return 1.0
+    rs = []
+    for k in np.unique(np.linspace(0, n - 2, min(pairs, n - 1)).round().astype(int)):
+        a, b = arr[k][head].astype(np.float64), arr[k + 1][head].astype(np.float64)
+        sa, sb = a.std(), b.std()
+        rs.append(float(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb)) if sa > 0 and sb > 0 else 1.0)
+    return float(np.median(rs))
+
+
 def _check(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("perfusion: cancelled; no output written")
@@ -216,6 +236,10 @@ def run_perfusion(
     rough = ct_masks(frame0, series.spacing) if ct else mr_masks(frame0, series.spacing)
     if not rough.search.any():
         raise InputError(where, "no head found in the first frame")
+    alike = frame_similarity(arr, rough.head)
+    if alike < MIN_FRAME_SIMILARITY:
+        raise InputError(where, f"the frames do not show one head (correlation between consecutive frames {round(alike, 2) + 0.0:.2f}, "
+                                f"at least {MIN_FRAME_SIMILARITY:g} expected): noise rather than a perfusion series?")
     # Motion before anything that averages over time.
     motion_info: dict[str, Any] = {"enabled": st.motion_correction}
     if st.motion_correction:
