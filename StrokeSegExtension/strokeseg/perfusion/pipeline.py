@@ -114,8 +114,7 @@ def frame_similarity(arr: np.ndarray, head: np.ndarray, pairs: int = 8) -> float
     rs = []
     for k in np.unique(np.linspace(0, n - 2, min(pairs, n - 1)).round().astype(int)):
         a, b = arr[k][head].astype(np.float64), arr[k + 1][head].astype(np.float64)
-        sa, sb = a.std(), b.std()
-        rs.append(float(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb)) if sa > 0 and sb > 0 else 1.0)
+        rs.append(float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 1.0)  # flat frames: "no bolus" says it
     return float(np.median(rs))
 
 
@@ -236,9 +235,9 @@ def run_perfusion(
     rough = ct_masks(frame0, series.spacing) if ct else mr_masks(frame0, series.spacing)
     if not rough.search.any():
         raise InputError(where, "no head found in the first frame")
-    alike = frame_similarity(arr, rough.head)
+    alike = round(frame_similarity(arr, rough.head), 2) + 0.0  # + 0.0: never "-0.00"
     if alike < MIN_FRAME_SIMILARITY:
-        raise InputError(where, f"the frames do not show one head (correlation between consecutive frames {round(alike, 2) + 0.0:.2f}, "
+        raise InputError(where, f"the frames do not show one head (correlation between consecutive frames {alike:.2f}, "
                                 f"at least {MIN_FRAME_SIMILARITY:g} expected): noise rather than a perfusion series?")
     # Motion before anything that averages over time.
     motion_info: dict[str, Any] = {"enabled": st.motion_correction}
