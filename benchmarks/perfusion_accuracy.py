@@ -15,7 +15,10 @@ truth:
 * the core's agreement at the report's further rCBF thresholds (``core_ml_by_rcbf``): how much
   of the core's miss is where the threshold falls rather than the maps;
 * CT: the engine's core rule applied to the phantom's true CBF and Tmax maps (``core_ml_true_maps``):
-  what an unbiased deconvolution would give, so the rest of the core's miss is in the computed maps.
+  what an unbiased deconvolution would give, so the rest of the core's miss is in the computed maps;
+* CT: Spearman rho of the core's signed volume error against the simulated occlusion (the most
+  delayed territory's delay, the core's CBV and CBF, the penumbra's CBF: ``core_error_vs_occlusion``),
+  and the median delay of the cores read too large and too small (``core_misses``).
 
 A series the pipeline refuses (InputError, e.g. motion beyond correction) is listed with its
 reason and counts as outside the volume tolerance.
@@ -54,6 +57,12 @@ FIRST_SEED = {"test": 5000, "val": 4000}  # seeds used by nothing else (tests an
 TARGETS = {"tmax_mae_s": 1.0, "spearman_rcbf": 0.9, "volume_rel": 0.15, "volume_abs_ml": 5.0, "fraction_within": 0.8}
 
 
+# Phantom kinetics the CT core's signed volume error is checked against (``core_error_vs_occlusion``):
+# the most delayed territory's delay (the generator disperses the bolus in proportion to it), and
+# the core's CBV and CBF relative to healthy tissue.
+OCCLUSION_KEYS = ("delay_max_s", "core_cbv_factor", "core_cbf_fraction_of_healthy", "penumbra_cbf_factor")
+
+
 def within(pred: float, true: float) -> bool:
     return abs(pred - true) <= max(TARGETS["volume_abs_ml"], TARGETS["volume_rel"] * true)
 
@@ -81,7 +90,10 @@ def evaluate(case, result) -> dict:
     hypo_p = result.report["hypoperfusion_ml"]
     if case.info["modality"] == "ctp":
         on_true = float(case.ct_rule_on_true_maps()[1]["core_ml"])
-        core_true_maps = {"core_ml_true_maps": round(on_true, 2), "core_within_true_maps": within(on_true, core_t)}
+        kin = case.info["kinetics"]
+        core_true_maps = {"core_ml_true_maps": round(on_true, 2), "core_within_true_maps": within(on_true, core_t),
+                          # what the occlusion was like: the deconvolution's biases depend on it
+                          "occlusion": {key: kin[key] for key in OCCLUSION_KEYS}}
     else:  # the MR core is the ADC's, not a map rule's
         core_true_maps = {}
     aif = result.report["arterial_input"]["voxels_lps_mm"]
@@ -148,6 +160,15 @@ def summarise(all_rows: list[dict]) -> dict:
     on_true = [r["core_within_true_maps"] for r in rows if "core_within_true_maps" in r]
     if on_true:  # CT only (cases the pipeline refused are not scored here)
         out["core_within_fraction_true_maps"] = round(float(np.mean(on_true)), 3)
+    with_core = [r for r in rows if "occlusion" in r and r["core_true_ml"] > 0]
+    if len(with_core) >= 5:  # Spearman rho of the core's signed relative volume error against each
+        err = [(r["core_ml"] - r["core_true_ml"]) / r["core_true_ml"] for r in with_core]
+        out["core_error_vs_occlusion"] = {
+            key: round(float(spearmanr([r["occlusion"][key] for r in with_core], err)[0]), 3) for key in OCCLUSION_KEYS}
+        misses = {"too_large": [r for r in with_core if not r["core_within"] and r["core_ml"] > r["core_true_ml"]],
+                  "too_small": [r for r in with_core if not r["core_within"] and r["core_ml"] < r["core_true_ml"]]}
+        out["core_misses"] = {kind: {"cases": len(m), "delay_max_s_median": round(float(np.median([r["occlusion"]["delay_max_s"] for r in m])), 2) if m else None}
+                              for kind, m in misses.items()}
     out["targets_met"] = {
         "tmax": out["tmax_mae_s_median"] <= TARGETS["tmax_mae_s"],
         "rcbf": out["spearman_rcbf_median"] >= TARGETS["spearman_rcbf"],
