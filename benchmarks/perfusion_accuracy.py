@@ -58,8 +58,8 @@ TARGETS = {"tmax_mae_s": 1.0, "spearman_rcbf": 0.9, "volume_rel": 0.15, "volume_
 
 
 # Phantom kinetics the CT core's signed volume error is checked against (``core_error_vs_occlusion``):
-# the most delayed territory's delay (the generator disperses the bolus in proportion to it), and
-# the core's CBV and CBF relative to healthy tissue.
+# the most delayed territory's delay (the generator disperses the bolus in proportion to it), the
+# core's CBV and CBF, and the penumbra's CBF, each relative to healthy tissue.
 OCCLUSION_KEYS = ("delay_max_s", "core_cbv_factor", "core_cbf_fraction_of_healthy", "penumbra_cbf_factor")
 
 
@@ -91,11 +91,11 @@ def evaluate(case, result) -> dict:
     if case.info["modality"] == "ctp":
         on_true = float(case.ct_rule_on_true_maps()[1]["core_ml"])
         kin = case.info["kinetics"]
-        core_true_maps = {"core_ml_true_maps": round(on_true, 2), "core_within_true_maps": within(on_true, core_t),
+        ct_only = {"core_ml_true_maps": round(on_true, 2), "core_within_true_maps": within(on_true, core_t),
                           # what the occlusion was like: the deconvolution's biases depend on it
                           "occlusion": {key: kin[key] for key in OCCLUSION_KEYS}}
     else:  # the MR core is the ADC's, not a map rule's
-        core_true_maps = {}
+        ct_only = {}
     aif = result.report["arterial_input"]["voxels_lps_mm"]
     art = truth["artery"]
     idx = np.round(art.physical_to_index(np.asarray(aif, float))).astype(int)
@@ -107,7 +107,7 @@ def evaluate(case, result) -> dict:
         "spearman_rcbf_analysis_resolution": round(rho_res, 4),
         "core_true_ml": round(core_t, 2), "core_ml": round(core_p, 2), "core_within": within(core_p, core_t),
         "core_within_by_rcbf": {k: within(v, core_t) for k, v in (result.report.get("core_ml_by_rcbf") or {}).items()},
-        **core_true_maps,
+        **ct_only,
         "hypo_true_ml": round(hypo_t, 2), "hypo_ml": round(hypo_p, 2), "hypo_within": within(hypo_p, hypo_t),
         "aif_in_artery_fraction": round(float(np.mean(in_artery)), 3),
         "motion_events": len(case.info.get("motion", [])),
