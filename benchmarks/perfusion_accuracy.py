@@ -63,8 +63,13 @@ TARGETS = {"tmax_mae_s": 1.0, "spearman_rcbf": 0.9, "volume_rel": 0.15, "volume_
 OCCLUSION_KEYS = ("delay_max_s", "core_cbv_factor", "core_cbf_fraction_of_healthy", "penumbra_cbf_factor")
 
 
+def tolerance_ml(true: float) -> float:
+    """The issue's volume tolerance for a true volume: 15% of it or 5 mL, whichever is larger."""
+    return max(TARGETS["volume_abs_ml"], TARGETS["volume_rel"] * true)
+
+
 def within(pred: float, true: float) -> bool:
-    return abs(pred - true) <= max(TARGETS["volume_abs_ml"], TARGETS["volume_rel"] * true)
+    return abs(pred - true) <= tolerance_ml(true)
 
 
 def evaluate(case, result) -> dict:

@@ -47,7 +47,7 @@ from strokeseg.phantom.perfusion import simulate_perfusion
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from perfusion_accuracy import DEFAULT_LIBRARY, FIRST_SEED, within  # noqa: E402
+from perfusion_accuracy import DEFAULT_LIBRARY, FIRST_SEED, tolerance_ml, within  # noqa: E402
 from perfusion_noise_attribution import IDEAL  # noqa: E402
 
 POPULATIONS = ("healthy", "penumbra", "ghost", "found", "missed")
@@ -98,7 +98,7 @@ def analyse(seed: int, split: str, library: str | None, overrides: dict) -> dict
     shell_ml = one_voxel_shell(case.truth["core"].array > 0, case.truth["tissue"].array > 0) * voxel_ml
     if shell_ml > 0:
         row["shell_ml"] = round(shell_ml, 2)
-        row["tolerance_shells"] = round(max(5.0, 0.15 * true_ml) / shell_ml, 2)
+        row["tolerance_shells"] = round(tolerance_ml(true_ml) / shell_ml, 2)
         row["error_shells"] = round((rep["core_ml"] - true_ml) / shell_ml, 2)
     for name, mask in populations(case, res).items():
         n = int(np.count_nonzero(mask))
