@@ -90,9 +90,36 @@ def test_a_variant_run_is_not_exported_into_the_bundled_models(tmp_path, capsys)
     assert export_target(load_config(CONFIG, ["train.max_minutes=100000"])) == BUNDLED_MODELS
 
 
+def test_export_keeps_the_stage_records_of_runs_that_are_gone(tmp_path, monkeypatch):
+    """A later stage trained on a machine without the earlier stages' run folders takes their
+    records from the card it replaces; a stage whose run is here reads its own summary."""
+    import strokeseg_training.config as config
+    from strokeseg_training.export import stage_records
+
+    monkeypatch.setattr(config, "DEFAULT_RUNS", tmp_path / "runs")
+    stage10 = CONFIG.parent / "t1_unet_stage10_data.json"
+    cfg = load_config(stage10, [f"models_dir={tmp_path / 'models'}"])
+    bundled = json.loads((BUNDLED_MODELS / "t1_unet" / "card.json").read_text(encoding="utf-8"))
+    (tmp_path / "models" / "t1_unet").mkdir(parents=True)
+    (tmp_path / "models" / "t1_unet" / "card.json").write_text(json.dumps(bundled), encoding="utf-8")
+    stage2 = load_config(CONFIG.parent / "t1_unet_stage2.json")
+    for c, steps in ((cfg, 123), (stage2, 45)):
+        (tmp_path / "runs" / c["name"]).mkdir(parents=True)
+        (tmp_path / "runs" / c["name"] / "train_summary.json").write_text(
+            json.dumps({"steps_done": steps, "duration_s": 6.0, "device": "cuda"}), encoding="utf-8")
+
+    command, records = stage_records(cfg, "strokeseg-train all --config stage10")
+    by_config = {r["config"]: r for r in bundled["training"]["stages"]}
+    assert [r["config"] for r in records] == cfg["earlier_stages"] + ["training/configs/t1_unet_stage10_data.json"]
+    assert records[0] == by_config["training/configs/t1_unet.json"] and records[0]["steps"] > 0
+    assert records[1] == {"config": "training/configs/t1_unet_stage2.json", "steps": 45, "duration_s": 6.0, "device": "cuda"}
+    assert records[-2] == by_config["training/configs/t1_unet_stage9_data.json"]
+    assert records[-1]["steps"] == 123 and command.endswith("&& strokeseg-train all --config stage10")
+
+
 def test_data_key_follows_the_cases_only():
     """Editing a description or generating with fewer processes reuses a dataset cache; a seed,
-    a split or the model grid does not."""
+    a split, its own count or the model grid does not (another split's count does not either)."""
     from strokeseg_training.config import data_key
 
     cfg = load_config(CONFIG)
@@ -100,6 +127,8 @@ def test_data_key_follows_the_cases_only():
     assert data_key(load_config(CONFIG, ["data.description=edited", "data.workers=1"]), "train") == key
     assert data_key(load_config(CONFIG, ["data.seed=12345"]), "train") != key
     assert data_key(cfg, "val") != key
+    assert data_key(load_config(CONFIG, ["data.n_train=1000"]), "train") != key
+    assert data_key(load_config(CONFIG, ["data.n_train=1000"]), "val") == data_key(cfg, "val")
     assert data_key(load_config(CONFIG, ["card.target_spacing=[3.0,3.0,3.0]"]), "train") != key
 
 

@@ -142,7 +142,10 @@ def data_key(cfg: dict[str, Any], split: str) -> str:
     editing a description or ``--set data.workers=1`` on a busy machine reuses the cache)."""
     from strokeseg.phantom import GENERATOR_VERSION
 
-    data = {k: v for k, v in cfg["data"].items() if k not in NOT_IN_DATA_KEY}
+    # Seeds are per split (seed + offset), so another split's count never changes this split's cases:
+    # adding training phantoms keeps the validation and test caches.
+    data = {k: v for k, v in cfg["data"].items()
+            if k not in NOT_IN_DATA_KEY and not (k.startswith("n_") and k != f"n_{split}")}
     if data.get("source") == "phantom" and data.get("modality") in ("ctp", "pwi"):
         data["generated_by"] = perfusion_phantoms_made_by(data["modality"])
     blob = json.dumps({"data": data, "split": split, "generator": GENERATOR_VERSION,

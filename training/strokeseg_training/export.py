@@ -55,18 +55,38 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _bundled_stage_records(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The stage records of the card this export will replace, by config path: a later stage is
+    usually trained where the earlier stages' run folders no longer exist (another machine, a
+    clean clone), and their records must not turn into null steps on the new card."""
+    card_path = export_target(cfg) / cfg.get("export_folder", cfg["card"]["id"].replace("-", "_")) / "card.json"
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if card.get("id") != cfg["card"]["id"]:
+        return {}
+    training = card.get("training", {})
+    return {r["config"]: r for r in training.get("stages", []) if isinstance(r, dict) and "config" in r}
+
+
 def stage_records(cfg: dict[str, Any], command: str) -> tuple[str, list[dict[str, Any]]]:
     """The chain of runs behind a multi-stage model (a config's ``earlier_stages``, oldest first):
-    the command that reproduces all of them and one record per stage from its ``train_summary.json``."""
+    the command that reproduces all of them and one record per stage, from its run's
+    ``train_summary.json`` or, for an earlier stage whose run folder is gone, from the bundled card."""
     earlier = list(cfg.get("earlier_stages", []))
     if not earlier:
         return command, []
     this = Path(cfg["_config_path"]).resolve()
     this = this.relative_to(REPO_ROOT) if this.is_relative_to(REPO_ROOT) else this
+    bundled = _bundled_stage_records(cfg)
     records = []
     for path in [*earlier, this]:
         stage_cfg = cfg if path == this else load_config(REPO_ROOT / path)
         summary = run_dir(stage_cfg) / "train_summary.json"
+        if not summary.is_file() and path != this and str(path) in bundled:
+            records.append(dict(bundled[str(path)]))
+            continue
         tsum = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
         records.append({"config": str(path), "steps": tsum.get("steps_done"),
                         "duration_s": round(float(tsum.get("duration_s", 0.0)), 1), "device": tsum.get("device", "unknown")})
