@@ -77,6 +77,15 @@ def test_dwi_recipe_end_to_end_smoke(tmp_path, capsys):
         assert train_main(export_args + ["--set", "card.version=1.0.1"]) == 0
     assert get_card("dwi-unet", models).version == "1.0.1"
 
+    # fit: the model on its own training cases (simulated again as case folders) beside validation.
+    fit_args = ["fit", "--config", str(CONFIG), "--count", "2"] + [a for o in overrides for a in ("--set", o)]
+    assert train_main(fit_args) == 0
+    fit = json.loads((run / "fit.json").read_text(encoding="utf-8"))
+    assert fit["train"]["n"] == 2 and fit["val"]["n"] == 1
+    assert fit["gap_mean_dice"] == pytest.approx(fit["train"]["mean"] - fit["val"]["mean"])
+    folders = sorted((tmp_path / "cache").glob("dwi-train-*/cases/*/case.json"))
+    assert len(folders) == 2 and "training cases minus validation" in capsys.readouterr().out
+
 
 def test_a_variant_run_is_not_exported_into_the_bundled_models(tmp_path, capsys):
     """An ablation (its name set with --set) that ends in export is refused before it trains,

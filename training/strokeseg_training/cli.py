@@ -1,6 +1,7 @@
 """``strokeseg-train``: generate / train / tune / evaluate / export, each from a config file.
 
     strokeseg-train all --config training/configs/dwi_unet.json      # the whole recipe
+    strokeseg-train fit --config training/configs/dwi_unet.json      # training cases vs validation
     torchrun --nproc_per_node 4 -m strokeseg_training.cli train --config ...   # multi-GPU
 """
 
@@ -21,7 +22,7 @@ from strokeseg.models import build_network
 from strokeseg.postprocess import PostprocessSettings
 
 from .config import card_of, load_config, run_dir
-from .data import build_split
+from .data import build_split, training_case_folders
 from .evaluate import ablate_postprocess, ablation_markdown, case_probabilities, score, summarise, tune
 from .export import export_model, export_target, stage_records
 from .recipes import prepare_data, train_recipe
@@ -95,6 +96,33 @@ def do_evaluate(cfg: dict, settings: dict | None = None) -> dict:
     return summary
 
 
+def do_fit(cfg: dict, count: int | None = None) -> dict:
+    """The run's model, with its tuned post-processing, on its first training cases beside its
+    validation cases: a model much better on what it trained on than on validation has learnt
+    its cases rather than the task, and wants more data rather than more steps."""
+    out = run_dir(cfg)
+    settings = PostprocessSettings(**_read_json(out / "tuning.json", "tune")["best"])
+    val = _read_json(out / "val" / "summary.json", "tune")
+    net = _net(cfg, _weights(cfg, out))
+    count = int(count or cfg["data"].get("n_val") or 12)
+    folders = training_case_folders(cfg, count, workers=int(cfg["data"].get("workers", 2)))
+    rows = score(case_probabilities(folders, [net], card_of(cfg)), settings)
+    train = summarise(rows, out / "fit_train", f"{cfg['name']} on {len(rows)} of its training cases")
+
+    def dice(summary: dict) -> dict:
+        d = summary.get("metrics", summary)["dice"]
+        return {"n": d["n"], "median": d["median"], "mean": d["mean"]}
+
+    report = {"train": dice(train), "val": dice(val)}
+    report["gap_mean_dice"] = report["train"]["mean"] - report["val"]["mean"]
+    (out / "fit.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    for split in ("train", "val"):
+        r = report[split]
+        print(f"{split:>5}: {r['n']} cases, Dice median {r['median']:.3f}, mean {r['mean']:.3f}")
+    print(f"mean Dice on training cases minus validation: {report['gap_mean_dice']:+.3f}")
+    return report
+
+
 def do_export(cfg: dict, command: str) -> Path:
     out = run_dir(cfg)
     tuned = _read_json(out / "tuning.json", "tune")["best"]
@@ -126,10 +154,12 @@ def do_export(cfg: dict, command: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="strokeseg-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["generate", "train", "tune", "evaluate", "export", "all"])
+    p.add_argument("command", choices=["generate", "train", "tune", "evaluate", "fit", "export", "all"],
+                   help="fit: after tune, the model on its first training cases beside validation (does it overfit?)")
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config entry, e.g. train.steps=100")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--count", type=int, help="fit: how many training cases (default: as many as validation has)")
     args = p.parse_args(argv)
     try:
         return _run(args, argv)
@@ -159,6 +189,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         do_tune(cfg)
     if args.command in ("evaluate", "all"):
         do_evaluate(cfg)
+    if args.command == "fit":
+        do_fit(cfg, args.count)
     if args.command in ("export", "all"):
         do_export(cfg, command)
     print(f"{args.command} finished in {time.time() - t0:.0f} s")

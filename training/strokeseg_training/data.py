@@ -88,29 +88,35 @@ def report_refused(folder: Path, label: str, total: int | None = None) -> None:
               f"(first: {refused[0].read_text(encoding='utf-8').strip()})")
 
 
-def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
-    cfg, split, seed, cache_dir, case_root = args
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from strokeseg.phantom import simulate_dwi, write_case
-
-    card = card_of(cfg)
+def _simulate(cfg: dict[str, Any], split: str, seed: int, marker_dir: Path) -> tuple[Any, Any] | str:
+    """One phantom of ``cfg``'s modality and the function that writes its case folder; or, for a
+    perfusion series the engine refuses, the reason (marked in ``marker_dir``)."""
     modality = cfg["data"]["modality"]
     if modality in PERFUSION_PHANTOMS:  # the maps our deconvolution computes are the inputs; the label is the core
         from strokeseg.phantom.perfusion import simulate_perfusion, write_perfusion_case
 
         case = simulate_perfusion(seed, modality, _library(cfg), split, **cfg["data"].get("phantom_options", {}))
-        reason = mark_refused(case, Path(cache_dir))
-        if reason:
-            return reason
-        write = write_perfusion_case
-    elif modality in STRUCTURAL_PHANTOMS:  # chronic T1 (ATLAS-like) / sub-acute T1-T2-FLAIR-DWI (SISS-like)
+        reason = mark_refused(case, marker_dir)
+        return reason if reason else (case, write_perfusion_case)
+    from strokeseg.phantom import write_case
+
+    if modality in STRUCTURAL_PHANTOMS:  # chronic T1 (ATLAS-like) / sub-acute T1-T2-FLAIR-DWI (SISS-like)
         from strokeseg.phantom import simulate_structural
 
-        case = simulate_structural(modality, seed, _library(cfg), split, **cfg["data"].get("phantom_options", {}))
-        write = write_case
-    else:
-        case = simulate_dwi(seed, lesion_library=_library(cfg), split=split, **cfg["data"].get("phantom_options", {}))
-        write = write_case
+        return simulate_structural(modality, seed, _library(cfg), split, **cfg["data"].get("phantom_options", {})), write_case
+    from strokeseg.phantom import simulate_dwi
+
+    return simulate_dwi(seed, lesion_library=_library(cfg), split=split, **cfg["data"].get("phantom_options", {})), write_case
+
+
+def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
+    cfg, split, seed, cache_dir, case_root = args
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    made = _simulate(cfg, split, seed, Path(cache_dir))
+    if isinstance(made, str):
+        return made
+    case, write = made
+    card = card_of(cfg)
     npz = Path(cache_dir) / f"{case.case_id}.npz"
     if split != "train":
         write(case, case_root)
@@ -121,6 +127,11 @@ def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
     np.savez(tmp, image=prepared.array.astype(np.float16), label=label)
     os.replace(tmp, npz)
     return str(npz)
+
+
+def _split_root(cfg: dict[str, Any], split: str) -> Path:
+    data = cfg["data"]
+    return Path(data.get("cache_dir") or DEFAULT_RUNS / "cache") / f"{data['modality']}-{split}-{_cache_key(cfg, split)}"
 
 
 def build_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tuple[list[Path], Path]:
@@ -135,7 +146,7 @@ def build_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tuple[l
     data = cfg["data"]
     n = int(data[f"n_{split}"])
     seed0 = int(data.get("seed", 0)) + SPLIT_SEED_OFFSET[split]
-    root = Path(data.get("cache_dir") or DEFAULT_RUNS / "cache") / f"{cfg['data']['modality']}-{split}-{_cache_key(cfg, split)}"
+    root = _split_root(cfg, split)
     cache_dir, case_root = root / "npz", root / "cases"
     cache_dir.mkdir(parents=True, exist_ok=True)
     case_root.mkdir(parents=True, exist_ok=True)
@@ -154,6 +165,37 @@ def build_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tuple[l
     report_refused(cache_dir, split, n)
     files = sorted(cache_dir.glob("*.npz"))[:n]
     return files, case_root
+
+
+def _make_folder(args: tuple[dict[str, Any], int, str]) -> str:
+    cfg, seed, case_root = args
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    made = _simulate(cfg, "train", seed, Path(case_root))
+    if isinstance(made, str):
+        return made
+    case, write = made
+    return str(write(case, case_root))
+
+
+def training_case_folders(cfg: dict[str, Any], count: int, *, workers: int = 2) -> list[Path]:
+    """Case folders of the first ``count`` training cases, so that a model can be scored end to
+    end on cases it learnt from (``strokeseg-train fit``). A phantom training split caches arrays
+    only, so these few are simulated again from their seeds (the same cases) into the split's
+    ``cases/``; a real dataset's training split has its folders already."""
+    if cfg["data"].get("root"):
+        _, root = build_split(cfg, "train", workers=workers)
+        return sorted(p for p in root.iterdir() if p.is_dir())[:count]
+    seed0 = int(cfg["data"].get("seed", 0)) + SPLIT_SEED_OFFSET["train"]
+    seeds = range(seed0, seed0 + min(count, int(cfg["data"]["n_train"])))
+    case_root = _split_root(cfg, "train") / "cases"
+    case_root.mkdir(parents=True, exist_ok=True)
+    todo = [(cfg, seed, str(case_root)) for seed in seeds
+            if not any(case_root.glob(f"*-{seed:05d}/case.json")) and not any(case_root.glob(f"*-{seed:05d}{REFUSED_SUFFIX}"))]
+    if todo:
+        with ProcessPoolExecutor(max(1, min(workers, len(todo)))) as pool:
+            list(tqdm(pool.map(_make_folder, todo), total=len(todo), desc="phantoms (train, as case folders)", unit="case"))
+    folders = [next(iter(case_root.glob(f"*-{seed:05d}")), None) for seed in seeds]
+    return [f for f in folders if f is not None and (f / "case.json").is_file()]
 
 
 def load_volumes(files: list[Path]) -> list[Volume]:
