@@ -11,7 +11,7 @@ model's card) on the model grid, the truth as the training labels are made (``la
 The per-case Dice and TPR are the run's own evaluation (``test/per_case.csv``, and with
 ``--split train`` the ``fit_train/per_case.csv`` of ``strokeseg-train fit``), so rerun those first.
 
-    python benchmarks/t1_lesion_visibility.py --config training/configs/t1_unet_stage9_data.json \
+    python benchmarks/t1_lesion_visibility.py --config training/configs/t1_unet_stage10_data.json \
         --plot docs/models/t1_unet/visibility.png
 
 Writes ``benchmarks/results/t1_lesion_visibility.json`` (per case and the Spearman correlations).
@@ -48,8 +48,8 @@ def visibility(case: Path, card) -> dict[str, float]:
     asym = prepared.array[1].astype(np.float32) - prepared.array[0].astype(np.float32)
     spacing = np.array(prepared.model_grid.spacing)[::-1]  # (z, y, x) like the array
     radius = np.maximum(1, np.round(SHELL_MM / spacing)).astype(int)
-    ball = np.ones(2 * radius + 1, bool)  # a box of the shell's half-widths, cheaper than a ball and near enough
-    shell = ndimage.binary_dilation(label, structure=ball) & ~label
+    box = np.ones(2 * radius + 1, bool)  # the shell's half-widths as a box: cheaper than a ball and near enough
+    shell = ndimage.binary_dilation(label, structure=box) & ~label
     shell &= prepared.array[0] > np.percentile(prepared.array[0], 5)  # inside the head, not the air around it
     ref = asym[shell]
     q25, q50, q75, q95 = np.percentile(ref, [25, 50, 75, 95])
