@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from strokeseg.postprocess import PostprocessSettings
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", type=int, default=24, help="validation phantoms beyond n_val")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    from strokeseg_training.cli import _cases, _net, _weights
-    from strokeseg_training.config import card_of, load_config, run_dir
-    from strokeseg_training.evaluate import case_probabilities, objective, score
+    from strokeseg_training.cli import _cases, score_tuned
+    from strokeseg_training.config import load_config, run_dir
+    from strokeseg_training.evaluate import objective
 
     result = {}
     for path in args.configs:
@@ -37,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(path, [f"data.n_val={n_val + args.extra}"])
         run = run_dir(cfg)
         tuning = json.loads((run / "tuning.json").read_text(encoding="utf-8"))
-        probs = case_probabilities(_cases(cfg, "val")[n_val:], [_net(cfg, _weights(cfg, run))], card_of(cfg))
-        rows = score(probs, PostprocessSettings(**tuning["best"]))
+        rows = score_tuned(cfg, _cases(cfg, "val")[n_val:])
         dice = [r["dice"] for r in rows]
         result[path] = {"run": run.name, "n": len(rows), "settings": tuning["best"],
                         "objective": objective(rows, base["tune"].get("objective", "dice+f1")),

@@ -96,17 +96,22 @@ def do_evaluate(cfg: dict, settings: dict | None = None) -> dict:
     return summary
 
 
+def score_tuned(cfg: dict, case_dirs: list[Path]) -> list[dict[str, float]]:
+    """The run's model with its tuned post-processing (``tuning.json``), scored on case folders."""
+    out = run_dir(cfg)
+    settings = PostprocessSettings(**_read_json(out / "tuning.json", "tune")["best"])
+    net = _net(cfg, _weights(cfg, out))
+    return score(case_probabilities(case_dirs, [net], card_of(cfg)), settings)
+
+
 def do_fit(cfg: dict, count: int | None = None) -> dict:
     """The run's model, with its tuned post-processing, on its first training cases beside its
     validation cases: a model much better on what it trained on than on validation has learnt
     its cases rather than the task, and wants more data rather than more steps."""
     out = run_dir(cfg)
-    settings = PostprocessSettings(**_read_json(out / "tuning.json", "tune")["best"])
     val = _read_json(out / "val" / "summary.json", "tune")
-    net = _net(cfg, _weights(cfg, out))
     count = int(count or cfg["data"].get("n_val") or 12)
-    folders = training_case_folders(cfg, count, workers=int(cfg["data"].get("workers", 2)))
-    rows = score(case_probabilities(folders, [net], card_of(cfg)), settings)
+    rows = score_tuned(cfg, training_case_folders(cfg, count, workers=int(cfg["data"].get("workers", 2))))
     train = summarise(rows, out / "fit_train", f"{cfg['name']} on {len(rows)} of its training cases")
 
     def dice(summary: dict) -> dict:

@@ -129,6 +129,10 @@ def _make_one(args: tuple[dict[str, Any], str, int, str, str]) -> str:
     return str(npz)
 
 
+def _first_seed(cfg: dict[str, Any], split: str) -> int:
+    return int(cfg["data"].get("seed", 0)) + SPLIT_SEED_OFFSET[split]
+
+
 def _split_root(cfg: dict[str, Any], split: str) -> Path:
     data = cfg["data"]
     return Path(data.get("cache_dir") or DEFAULT_RUNS / "cache") / f"{data['modality']}-{split}-{_cache_key(cfg, split)}"
@@ -145,7 +149,7 @@ def build_split(cfg: dict[str, Any], split: str, *, workers: int = 2) -> tuple[l
         return build_real_split(cfg, split, workers=workers)
     data = cfg["data"]
     n = int(data[f"n_{split}"])
-    seed0 = int(data.get("seed", 0)) + SPLIT_SEED_OFFSET[split]
+    seed0 = _first_seed(cfg, split)
     root = _split_root(cfg, split)
     cache_dir, case_root = root / "npz", root / "cases"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +189,7 @@ def training_case_folders(cfg: dict[str, Any], count: int, *, workers: int = 2) 
     if cfg["data"].get("root"):
         _, root = build_split(cfg, "train", workers=workers)
         return sorted(p for p in root.iterdir() if p.is_dir())[:count]
-    seed0 = int(cfg["data"].get("seed", 0)) + SPLIT_SEED_OFFSET["train"]
+    seed0 = _first_seed(cfg, "train")
     seeds = range(seed0, seed0 + min(count, int(cfg["data"]["n_train"])))
     case_root = _split_root(cfg, "train") / "cases"
     case_root.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,11 @@ def export_target(cfg: dict[str, Any]) -> Path:
     return target
 
 
+def export_folder(cfg: dict[str, Any], models_dir: Path | None = None) -> Path:
+    """The folder of a config's model in ``models_dir`` (default: where the config exports)."""
+    return (models_dir or export_target(cfg)) / cfg.get("export_folder", cfg["card"]["id"].replace("-", "_"))
+
+
 def _check_version_is_new(folder: Path, card: dict[str, Any], weights: list[Path]) -> None:
     """A card's id and version name one set of weights: other weights need a new version."""
     old_path = folder / "card.json"
@@ -59,7 +64,7 @@ def _bundled_stage_records(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The stage records of the card this export will replace, by config path: a later stage is
     usually trained where the earlier stages' run folders no longer exist (another machine, a
     clean clone), and their records must not turn into null steps on the new card."""
-    card_path = export_target(cfg) / cfg.get("export_folder", cfg["card"]["id"].replace("-", "_")) / "card.json"
+    card_path = export_folder(cfg) / "card.json"
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -98,7 +103,7 @@ def export_model(cfg: dict[str, Any], weights: list[Path], *, postprocess: dict[
                  validation: dict[str, Any], training: dict[str, Any], models_dir: Path | None = None) -> Path:
     models_dir = models_dir or BUNDLED_MODELS
     card = json.loads(json.dumps(cfg["card"]))
-    folder = models_dir / cfg.get("export_folder", card["id"].replace("-", "_"))
+    folder = export_folder(cfg, models_dir)
     _check_version_is_new(folder, card, weights)
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
