@@ -105,13 +105,22 @@ def plot_curves(log_csv: Path, png: Path, val_label: str = "validation Dice (who
     plt.close(fig)
 
 
-def load_init_weights(net: torch.nn.Module, tc: dict[str, Any]) -> torch.nn.Module:
+def load_init_weights(net: torch.nn.Module, tc: dict[str, Any], network: dict[str, Any] | None = None) -> torch.nn.Module:
     """``train.init_weights``: a run that starts from an earlier run's weights (safetensors only;
-    a relative path is from the repository root)."""
+    a relative path is from the repository root). With ``train.init_channels`` those weights are
+    a narrower ``monai.UNet``'s (the card's ``network`` with these channels), widened so that the
+    new net starts out computing the same function (``widen.widen_unet``)."""
     if tc.get("init_weights"):
         from safetensors.torch import load_file
 
-        net.load_state_dict(load_file(str(repo_path(tc["init_weights"]))))
+        state = load_file(str(repo_path(tc["init_weights"])))
+        if tc.get("init_channels"):
+            from .widen import widen_unet
+
+            if network is None or network.get("name") != "monai.UNet":
+                raise ValueError("train.init_channels widens a monai.UNet; this network is not one")
+            return widen_unet(net, state, {**network["args"], "channels": list(tc["init_channels"])}, network["args"])
+        net.load_state_dict(state)
     return net
 
 
@@ -148,7 +157,7 @@ def train(cfg: dict[str, Any], *, resume: bool = True) -> Path:
                            hard_negative_fraction=float(tc.get("hard_negative_fraction", 0.0)),
                            hard_negative_quantile=float(tc.get("hard_negative_quantile", 99.5)),
                            hard_negative_kind=str(tc.get("hard_negative_kind", "bright")))
-    net = load_init_weights(build_network(card), tc).to(dev)
+    net = load_init_weights(build_network(card), tc, card.network).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=float(tc.get("lr", 2e-3)), weight_decay=float(tc.get("weight_decay", 1e-4)))
     steps = int(tc["steps"])
     warm = int(tc.get("warmup", 100))
