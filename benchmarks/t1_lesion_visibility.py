@@ -14,7 +14,8 @@ The per-case Dice and TPR are the run's own evaluation (``test/per_case.csv``, a
     python benchmarks/t1_lesion_visibility.py --config training/configs/t1_unet_stage10_data.json \
         --plot docs/models/t1_unet/visibility.png
 
-Writes ``benchmarks/results/t1_lesion_visibility.json`` (per case and the Spearman correlations).
+Writes ``benchmarks/results/t1_lesion_visibility.json`` (``_train.json`` for ``--split train``): per case
+and the Spearman correlations.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="a T1 model's training config (its run and its cases)")
     ap.add_argument("--split", choices=["test", "train"], default="test",
                     help="train: the training cases that `strokeseg-train fit` scored")
-    ap.add_argument("--out", default=str(HERE / "results" / "t1_lesion_visibility.json"))
+    ap.add_argument("--out", help="default benchmarks/results/t1_lesion_visibility.json (_train.json for --split train)")
     ap.add_argument("--plot", help="PNG: Dice against the visible share of each lesion")
     args = ap.parse_args(argv)
     from strokeseg_training.config import card_of, load_config, run_dir
@@ -95,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"config": args.config, "split": args.split, "model_run": str(run.name), "commit": commit or "unknown",
               "shell_mm": SHELL_MM, "correlations": corr, "cases": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    out = Path(args.out or HERE / "results" / f"t1_lesion_visibility{'_train' if args.split == 'train' else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     for r in rows:
         print(f"{r['case']:>16}  Dice {r['dice']:.2f}  TPR {r['tpr']:.2f}  {r['true_volume_ml']:7.2f} mL  "
               f"visible {r['visible_fraction']:.2f}  CNR {r['cnr']:+.2f}")
