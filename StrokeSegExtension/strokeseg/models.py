@@ -503,7 +503,9 @@ def build_network(card_or_spec: ModelCard | Mapping[str, Any]) -> torch.nn.Modul
     return networks.build(spec["name"], spec.get("args", {}))
 
 
-def _check_state(net: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path, name: str) -> None:
+def check_state(net: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path, name: str) -> None:
+    """One-line ModelError naming the weights file when ``state`` does not fit ``net``: missing,
+    unexpected and mis-shaped tensors, the first few of each."""
     expected = net.state_dict()
 
     def few(items: list[str]) -> str:
@@ -530,7 +532,7 @@ def load_model(card: ModelCard, device: str | torch.device = "cpu") -> list[torc
         net = build_network(card)
         state = load_weights(card, index)
         path, _ = _weights_path(card, index)
-        _check_state(net, state, path, card.network["name"])
+        check_state(net, state, path, card.network["name"])
         net.load_state_dict(state, strict=True)
         net.requires_grad_(False)
         nets.append(net.to(device).eval())

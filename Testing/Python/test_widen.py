@@ -8,6 +8,7 @@ import torch
 from monai.networks.nets import UNet
 from safetensors.torch import save_file
 
+from strokeseg.errors import ModelError
 from strokeseg_training.train import load_init_weights
 from strokeseg_training.widen import widen_unet
 
@@ -79,5 +80,23 @@ def test_init_channels_in_a_training_config(tmp_path) -> None:
     x = torch.randn(1, 2, 32, 24, 16)
     with torch.no_grad():
         assert torch.allclose(wide(x), narrow.eval()(x), atol=1e-5)
-    with pytest.raises(ValueError, match="monai.UNet"):
+    with pytest.raises(ModelError, match="monai.UNet"):
         load_init_weights(UNet(**network["args"]), tc, {"name": "monai.DynUNet", "args": {}})
+
+
+def test_init_weights_that_do_not_fit_fail_in_one_line(tmp_path) -> None:
+    """Wrong init_channels, weights of another net, or no file: one line naming the file."""
+    narrow_args = {**BASE, "channels": [8, 16, 24, 32], "num_res_units": 1}
+    weights = tmp_path / "narrow.safetensors"
+    save_file(UNet(**narrow_args).state_dict(), str(weights))
+    wide_args = {**narrow_args, "channels": [8, 24, 32, 48]}
+    network = {"name": "monai.UNet", "args": wide_args}
+    cases = [
+        ({"init_weights": str(weights), "init_channels": [8, 16, 16, 32]}, "channels \\[8, 16, 16, 32\\]"),
+        ({"init_weights": str(weights)}, "do not fit network of this config .*shape"),
+        ({"init_weights": str(tmp_path / "none.safetensors")}, "no such weights file"),
+    ]
+    for tc, problem in cases:
+        with pytest.raises(ModelError, match=problem) as err:
+            load_init_weights(UNet(**wide_args), tc, network)
+        assert "\n" not in str(err.value) and "safetensors" in str(err.value)

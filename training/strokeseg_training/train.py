@@ -20,8 +20,9 @@ import torch.distributed as dist
 from monai.losses import DiceCELoss, DiceFocalLoss
 from tqdm import tqdm
 
+from strokeseg.errors import ModelError
 from strokeseg.inference import predict
-from strokeseg.models import build_network, save_weights
+from strokeseg.models import build_network, check_state, save_weights
 
 from .config import card_of, repo_path, run_dir
 from .data import build_split, load_volumes
@@ -113,13 +114,20 @@ def load_init_weights(net: torch.nn.Module, tc: dict[str, Any], network: dict[st
     if tc.get("init_weights"):
         from safetensors.torch import load_file
 
-        state = load_file(str(repo_path(tc["init_weights"])))
+        path = repo_path(tc["init_weights"])
+        if not path.is_file():
+            raise ModelError(f"{path}: no such weights file (train.init_weights)")
+        state = load_file(str(path))
         if tc.get("init_channels"):
             from .widen import widen_unet
 
             if network is None or network.get("name") != "monai.UNet":
-                raise ValueError("train.init_channels widens a monai.UNet; this network is not one")
-            return widen_unet(net, state, {**network["args"], "channels": list(tc["init_channels"])}, network["args"])
+                raise ModelError("train.init_channels widens a monai.UNet; this network is not one")
+            try:
+                return widen_unet(net, state, {**network["args"], "channels": list(tc["init_channels"])}, network["args"])
+            except ValueError as exc:
+                raise ModelError(f"{path}: train.init_channels: {exc}") from None
+        check_state(net, state, path, "of this config")
         net.load_state_dict(state)
     return net
 

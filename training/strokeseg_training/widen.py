@@ -50,7 +50,10 @@ def widen_unet(wide: torch.nn.Module, narrow_state: Mapping[str, torch.Tensor], 
     if len(old) != len(new) or any(o > n for o, n in zip(old, new)):
         raise ValueError(f"cannot widen channels {old} to {new}: same depth, no level narrower")
     narrow = UNet(**dict(narrow_args))
-    narrow.load_state_dict(dict(narrow_state))  # strict: the weights are the narrow net's
+    try:
+        narrow.load_state_dict(dict(narrow_state))  # strict: the weights are the narrow net's
+    except RuntimeError:
+        raise ValueError(f"the weights are not those of this U-Net with channels {old}") from None
     narrow_modules = dict(narrow.named_modules())
     with torch.no_grad():
         for name, w in wide.named_modules():
