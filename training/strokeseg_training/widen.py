@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import torch
 
+CONVS = (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+
 
 def _concat_blocks(name: str, channels: list[int]) -> list[int]:
     """The widths of the blocks that an up-sampling (transposed) convolution reads: its level's
@@ -31,7 +33,7 @@ def _concat_blocks(name: str, channels: list[int]) -> list[int]:
 
 def _old_input_index(module: torch.nn.Module, name: str, old: list[int], new: list[int]) -> torch.Tensor:
     """Where each of the narrow module's input channels sits among the wide module's inputs."""
-    if isinstance(module, torch.nn.ConvTranspose3d | torch.nn.ConvTranspose2d):
+    if module.transposed:
         old_blocks, new_blocks = _concat_blocks(name, old), _concat_blocks(name, new)
         offsets = [0, new_blocks[0]]
         return torch.cat([torch.arange(w) + o for w, o in zip(old_blocks, offsets)])
@@ -58,14 +60,12 @@ def widen_unet(wide: torch.nn.Module, narrow_state: Mapping[str, torch.Tensor], 
     with torch.no_grad():
         for name, w in wide.named_modules():
             n = narrow_modules[name]
-            if isinstance(w, torch.nn.Conv3d | torch.nn.Conv2d):
+            if isinstance(w, CONVS):
+                # Seen as (out, in, ...): a transposed convolution stores (in, out, ...).
+                wide_w, narrow_w = (w.weight, n.weight) if not w.transposed else (w.weight.transpose(0, 1), n.weight.transpose(0, 1))
                 rows, cols = torch.arange(n.out_channels), _old_input_index(n, name, old, new)
-                w.weight[: n.out_channels].zero_()  # old outputs read nothing new...
-                w.weight[rows[:, None], cols[None, :]] = n.weight  # ...and the old inputs as before
-            elif isinstance(w, torch.nn.ConvTranspose3d | torch.nn.ConvTranspose2d):  # weight is (in, out, ...)
-                rows, cols = _old_input_index(n, name, old, new), torch.arange(n.out_channels)
-                w.weight[:, : n.out_channels].zero_()
-                w.weight[rows[:, None], cols[None, :]] = n.weight
+                wide_w[: n.out_channels].zero_()  # old outputs read nothing new...
+                wide_w[rows[:, None], cols[None, :]] = narrow_w  # ...and the old inputs as before
             elif isinstance(w, torch.nn.PReLU):  # MONAI's is one slope shared by all channels
                 w.weight[: n.weight.numel()] = n.weight
             elif list(w.parameters(recurse=False)):  # e.g. a group norm, which would mix new channels into old ones
